@@ -1,0 +1,18 @@
+# One line per target. `make demo` and `make test` are the README's two commands.
+PY := .venv/bin/python
+export RAY_AUTH_MODE ?= disabled
+
+install:
+	bash scripts/install.sh
+demo: install
+	$(PY) jobs/demo.py
+test: install
+	bash scripts/test.sh
+lint: install
+	.venv/bin/ruff check . && .venv/bin/ruff format --check .
+test-gpu: install
+	$(PY) -m pytest -m gpu -q
+bench: install
+	$(PY) benchmarks/scan.py && $(PY) benchmarks/data.py && $(PY) benchmarks/train_step.py
+
+.PHONY: install demo test lint test-gpu bench

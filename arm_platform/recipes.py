@@ -1,0 +1,118 @@
+"""Every number of every recipe: model sizes, pretraining and finetuning hyperparameters.
+
+Sources: OliverRensu/ARM README / main_pretrain.py / main_finetune.py (see ../shared/reference/arm_spec.md §1, §2, §5).
+Recipes are functions returning a fresh TrainConfig, named "{task}_{size}"; `get(name)` looks one up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+from arm_platform.config import (
+    CheckpointConfig,
+    ClusterConfig,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    TrackingConfig,
+    TrainConfig,
+)
+
+EVAL_CROP_PCT = 224 / 256
+"""Official eval: resize to input / crop_pct, center-crop input."""
+
+ARM_SIZES: dict[str, ModelConfig] = {
+    # Ours (not in the ARM repo): a CPU demo size for 32 px images; geometry still exercises every code path.
+    "tiny": ModelConfig(name="arm_tiny_pz4", embed_dim=128, depth=6, img_size=32, patch_size=4, cluster_size=2,
+                        decoder_dim=128, decoder_depth=2, decoder_head_dim=32, num_classes=10),
+    # Ours: ViT-S-like width, official patch / cluster / decoder geometry.
+    "small": ModelConfig(name="arm_small_pz16", embed_dim=384, depth=12),
+    "base": ModelConfig(name="arm_base_pz16", embed_dim=768, depth=12),  # models_pretrain.py arm_base_pz16
+    "large": ModelConfig(name="arm_large_pz16", embed_dim=1024, depth=24),  # arm_large_pz16
+    "huge": ModelConfig(name="arm_huge_pz16", embed_dim=1536, depth=24),  # arm_huge_pz16
+}
+
+# size -> (batch per GPU, accum_iter, workers). Official README: base 256 x 8 GPUs, large 128 x 8 GPUs.
+# huge has no official recipe: 64 per 80 GB GPU with accumulation x4 reaches base's effective batch of 2048.
+_PRETRAIN_BATCH = {"tiny": (64, 1, 2), "small": (256, 1, 8), "base": (256, 1, 8), "large": (128, 1, 8),
+                   "huge": (64, 4, 8)}
+
+# size -> (batch per GPU, accum_iter, layer_decay, drop_path). Official README: base 128x1 0.65 0.1,
+# large 32x4 0.75 0.3; huge / small are ours (MAE ViT-H / ViT-B values).
+_FINETUNE_TABLE = {"tiny": (64, 1, 0.75, 0.05), "small": (128, 1, 0.65, 0.1), "base": (128, 1, 0.65, 0.1),
+                   "large": (32, 4, 0.75, 0.3), "huge": (32, 4, 0.75, 0.3)}
+
+FASHION_MNIST_SHARDS = "./data/fashion-mnist"
+"""Where `jobs/prepare_data.py --dataset fashion-mnist` writes the embedded dataset by default."""
+
+FINETUNE_IMG_SIZE = 224
+
+
+def eval_resize_for(input_size: int) -> int:
+    """Official eval resize: input / crop_pct (224 -> 256); crop_pct 1 above 224 (384 -> 384)."""
+    return round(input_size / EVAL_CROP_PCT) if input_size <= 224 else input_size
+
+
+def _cluster(size: str, num_workers: int) -> ClusterConfig:
+    if size == "tiny":
+        return ClusterConfig(num_workers=num_workers, use_gpu=False, cpus_per_worker=0.5)
+    return ClusterConfig(num_workers=num_workers, use_gpu=True, cpus_per_worker=8.0)
+
+
+def pretrain(size: str) -> TrainConfig:
+    """ARM pretraining (README): 1600 epochs, warmup 40, blr 1.5e-4, wd 0.05, AdamW(0.9, 0.95), clip 3.0, 192 px."""
+    batch, accum, workers = _PRETRAIN_BATCH[size]
+    model = dataclasses.replace(ARM_SIZES[size], grad_checkpointing=(size == "huge"))
+    optim = OptimConfig(batch_size=batch, accum_iter=accum, epochs=1600, warmup_epochs=40, blr=1.5e-4,
+                        weight_decay=0.05, betas=(0.9, 0.95), clip_grad=3.0)
+    data = DataConfig(input_size=model.img_size, min_crop_scale=0.2)
+    tracking = TrackingConfig(vis_every_n_epochs=20, probe_every_n_epochs=20)
+    if size == "tiny":  # a few CPU minutes on the embedded Fashion-MNIST shards
+        optim = dataclasses.replace(optim, epochs=4, warmup_epochs=1, blr=1.5e-3)
+        data = dataclasses.replace(data, data_path=FASHION_MNIST_SHARDS, min_crop_scale=0.5, max_train_samples=8192,
+                                   max_val_samples=1024, decode_cpus=0.25)
+        tracking = TrackingConfig(log_every_n_steps=10, vis_every_n_epochs=2, probe_every_n_epochs=2)
+    return TrainConfig(recipe=f"pretrain_{size}", task="pretrain", model=model, data=data, optim=optim,
+                       cluster=_cluster(size, workers), tracking=tracking,
+                       checkpoint=CheckpointConfig(every_n_steps=0 if size == "tiny" else 5000, num_to_keep=3))
+
+
+def finetune(size: str) -> TrainConfig:
+    """ARM finetuning (README): 100 epochs, warmup 5, blr 5e-4, EMA 0.99992, mixup 0.8, cutmix 1.0, RandAugment."""
+    batch, accum, layer_decay, drop_path = _FINETUNE_TABLE[size]
+    img_size = ARM_SIZES[size].img_size if size == "tiny" else FINETUNE_IMG_SIZE
+    model = dataclasses.replace(ARM_SIZES[size], img_size=img_size, drop_path_rate=drop_path, global_pool=True)
+    optim = OptimConfig(batch_size=batch, accum_iter=accum, epochs=100, warmup_epochs=5, blr=5e-4, min_lr=1e-6,
+                        weight_decay=0.05, betas=(0.9, 0.999), clip_grad=None, layer_decay=layer_decay,
+                        ema_decay=0.99992)
+    data = DataConfig(input_size=img_size, min_crop_scale=0.08, auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25,
+                      eval_resize=eval_resize_for(img_size), mixup=0.8, cutmix=1.0, smoothing=0.1)
+    if size == "tiny":  # minutes on CPU: light augmentation, short EMA horizon
+        optim = dataclasses.replace(optim, epochs=3, warmup_epochs=0.5, blr=1e-3, ema_decay=0.99)
+        data = dataclasses.replace(data, data_path=FASHION_MNIST_SHARDS, auto_augment=None, reprob=0.0, mixup=0.0,
+                                   cutmix=0.0, min_crop_scale=0.5, max_train_samples=8192, max_val_samples=2000,
+                                   decode_cpus=0.25)
+    return TrainConfig(recipe=f"finetune_{size}", task="finetune", model=model, data=data, optim=optim,
+                       cluster=_cluster(size, 8 if size != "tiny" else 2),
+                       checkpoint=CheckpointConfig(num_to_keep=2, score_attribute="val_acc1", score_order="max"))
+
+
+RECIPES = {f"{task}_{size}": partial(fn, size) for task, fn in (("pretrain", pretrain), ("finetune", finetune))
+           for size in ARM_SIZES}
+
+
+def get(name: str) -> TrainConfig:
+    """A fresh copy of recipe `name`; ValueError listing the valid names otherwise."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; valid recipes: {', '.join(sorted(RECIPES))}")
+    return RECIPES[name]()
+
+
+def size_of(model_name: str) -> str:
+    """Size key of a timm model name ("arm_base_pz16" or "arm_base_pz16_pretrain" -> "base")."""
+    for size, cfg in ARM_SIZES.items():
+        if model_name in (cfg.name, f"{cfg.name}_pretrain"):
+            return size
+    valid = sorted(c.name for c in ARM_SIZES.values())
+    raise ValueError(f"unknown model {model_name!r}; valid models: {', '.join(valid)} (and each + '_pretrain')")
