@@ -134,6 +134,18 @@ class DataConfig:
     max_val_samples: int | None = None
     decode_cpus: float = 1.0
     """CPUs reserved per Ray Data decode/augment task (fractional on small machines)."""
+    decode_batch_size: int = 256
+    """Images per Ray Data decode/augment call (smaller: more parallel tasks, more overhead)."""
+    io_retries: int = 3
+    """Attempts for storage checks / reads (missing shard, unreachable bucket) before a clear error."""
+    shard_size_mb: float = 256.0
+    """Ingest (`jobs/prepare_data.py`): target Parquet shard size."""
+    num_parallel: int | None = None
+    """Ingest processes; None uses every CPU."""
+    jpeg_quality: int = 95
+    """Ingest: JPEG quality when an image must be re-encoded (non-JPEG / non-RGB sources, Fashion-MNIST)."""
+    dist_eval: bool = True
+    """Split the val set across workers and all-reduce the counts (official --dist_eval, used by the README)."""
 
     def __post_init__(self) -> None:
         _require(0.0 < self.min_crop_scale <= 1.0, f"min_crop_scale must be in (0, 1], got {self.min_crop_scale}")
@@ -236,6 +248,10 @@ class TrackingConfig:
     probe_every_n_epochs: int = 1
     """Pretraining: kNN accuracy on held-out labelled images every N epochs (0 disables)."""
     system_metrics: bool = True
+    knn_k: int = 20
+    """kNN probe: neighbours voting per query (DINO weighted kNN)."""
+    knn_temperature: float = 0.07
+    """kNN probe: softmax temperature of the cosine-similarity vote weights."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -45,6 +45,8 @@ _FINETUNE_TABLE = {"tiny": (64, 1, 0.75, 0.05), "small": (128, 1, 0.65, 0.1), "b
 
 FASHION_MNIST_SHARDS = "./data/fashion-mnist"
 """Where `jobs/prepare_data.py --dataset fashion-mnist` writes the embedded dataset by default."""
+FASHION_MNIST_SHARD_MB = 2.0
+"""Small shards for the 28 px set (~2.7k images each) so Ray Data decodes several in parallel."""
 
 FINETUNE_IMG_SIZE = 224
 
@@ -116,3 +118,24 @@ def size_of(model_name: str) -> str:
             return size
     valid = sorted(c.name for c in ARM_SIZES.values())
     raise ValueError(f"unknown model {model_name!r}; valid models: {', '.join(valid)} (and each + '_pretrain')")
+
+
+# Tune search spaces as data: dotted TrainConfig key -> (sampler, *args); `sweep.build_param_space` turns them into
+# ray.tune samplers ("loguniform"/"uniform": low, high; "choice"/"grid": values; "randint": low, high-exclusive).
+# Centred on the official finetune values (blr 5e-4, layer_decay 0.65-0.75, drop_path 0.1-0.3, mixup 0.8, cutmix 1.0).
+SEARCH_SPACES: dict[str, dict[str, tuple]] = {
+    "finetune": {
+        "optim.blr": ("loguniform", 1e-4, 2e-3),
+        "optim.layer_decay": ("uniform", 0.55, 0.85),
+        "model.drop_path_rate": ("uniform", 0.0, 0.3),
+        "data.mixup": ("choice", [0.0, 0.2, 0.8]),
+        "data.cutmix": ("choice", [0.0, 0.5, 1.0]),
+        "optim.weight_decay": ("loguniform", 0.01, 0.1),
+        "optim.ema_decay": ("choice", [0.9998, 0.9999, 0.99992]),
+    },
+    # CPU demo / tests on finetune_tiny: two knobs, a few minutes per trial.
+    "finetune_tiny": {
+        "optim.blr": ("loguniform", 3e-4, 3e-3),
+        "optim.layer_decay": ("uniform", 0.6, 0.9),
+    },
+}

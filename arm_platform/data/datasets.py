@@ -1,0 +1,203 @@
+"""Ray Data pipeline (the only data module that imports Ray): Parquet shards -> decoded, augmented uint8 batches.
+
+    read_parquet (local or S3, explicit shard list from the manifest)
+      -> [limit] -> randomize_block_order (train)
+      -> map_batches(BatchTransform) on CPU, fractional `decode_cpus` per task   rows: image uint8 (3, H, W), label
+      -> per Train worker: iter_batches(get_dataset_shard(...)) -> normalised float on the worker's device.
+Corrupt records leave the decode step with label -1; `iter_batches` drops and counts them (`.num_corrupt`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import ray.data
+import torch
+
+from arm_platform import storage
+from arm_platform.config import DataConfig
+from arm_platform.data.manifest import Manifest, check_data_path, read_manifest
+from arm_platform.data.transforms import BatchTransform, Mode, normalize, random_erasing
+
+logger = logging.getLogger(__name__)
+
+COLUMNS = ["image", "label"]
+
+__all__ = [
+    "BatchIterable",
+    "build_datasets",
+    "check_data_path",
+    "iter_batches",
+    "ray_system_config",
+    "read_manifest",
+    "read_shards",
+]
+
+
+def ray_system_config(cfg: DataConfig, num_cpus: float, train_workers: int = 0) -> dict[str, int]:
+    """`ray.init(_system_config=...)` for a Ray node whose decode tasks use fractional CPUs.
+
+    Ray keeps about `num_cpus` idle worker processes and kills the rest within a second, so with e.g. 0.25-CPU
+    decode tasks every wave of tasks restarted workers (a torch import each): measured 3x slower on 2 cores.
+    Raising the soft limit to the number of concurrent tasks keeps them warm. For `ray start` nodes set the
+    environment variable RAY_num_workers_soft_limit to the same value.
+    """
+    decode_tasks = math.ceil(num_cpus / min(cfg.decode_cpus, 1.0))
+    return {"num_workers_soft_limit": int(max(num_cpus, decode_tasks + train_workers + 2))}
+
+
+def read_shards(uris: list[str], *, shuffle_files: bool = False) -> ray.data.Dataset:
+    """Raw rows {"image": JPEG bytes, "label": int64} of Parquet shards on one filesystem (local or S3).
+
+    Uses Ray's file-based Parquet reader (one read task per shard): the footer-indexing V2 reader starts an actor
+    pool on every execution (each epoch), ~10 s on a small node, for no gain with our few large files.
+    """
+    if not uris:
+        raise ValueError("no shards to read")
+    fs, _ = storage.filesystem_for(uris[0])
+    paths = [storage.filesystem_for(u)[1] for u in uris]
+    ctx = ray.data.DataContext.get_current()
+    use_v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet(
+            paths, filesystem=fs, columns=COLUMNS, file_extensions=None, shuffle="files" if shuffle_files else None
+        )
+    finally:
+        ctx.use_datasource_v2 = use_v2
+
+
+def decoded(ds: ray.data.Dataset, cfg: DataConfig, mode: Mode, seed: int | None = None) -> ray.data.Dataset:
+    """Decode + augment on CPU: rows become {"image": uint8 (3, S, S), "label": int64} (label -1: corrupt).
+
+    Blocks are first cut (streaming) into `decode_batch_size` rows so one shard feeds many parallel decode tasks.
+    """
+    ds = ds.repartition(target_num_rows_per_block=cfg.decode_batch_size)
+    return ds.map_batches(
+        BatchTransform(cfg, mode, seed),
+        batch_size=cfg.decode_batch_size,
+        batch_format="numpy",
+        num_cpus=cfg.decode_cpus,
+        udf_modifying_row_count=False,
+    )
+
+
+def _limited(ds: ray.data.Dataset, n: int | None) -> ray.data.Dataset:
+    return ds if n is None else ds.limit(n)
+
+
+def _first_shards(manifest: Manifest, split: str, rows: int | None) -> list[str]:
+    """URIs of the fewest leading shards of `split` holding `rows` rows (all shards for None).
+
+    Ingest shuffles images across shards, so the first rows are a random, fixed subset of the split.
+    """
+    uris = manifest.shard_uris(split)
+    if rows is None:
+        return uris
+    total = 0
+    for i, shard in enumerate(manifest.shards[split]):
+        total += shard.rows
+        if total >= rows:
+            return uris[: i + 1]
+    return uris
+
+
+def build_datasets(cfg: DataConfig, task: str, manifest: Manifest | None = None) -> dict[str, ray.data.Dataset]:
+    """{"train", "val"} (+ "probe" for pretraining) Ray datasets of decoded uint8 images.
+
+    train: train augment ("pretrain": random resized crop + flip; "finetune": timm RandAugment pipeline), shard
+    order reshuffled every epoch, capped at `max_train_samples` rows drawn from the fewest leading shards (ingest
+    shuffled images across shards, so that is a random subset). val: eval transform, first `max_val_samples`.
+    probe (pretrain): eval transform on the first `max_val_samples` train images (the kNN memory bank).
+    """
+    if task not in ("pretrain", "finetune"):
+        raise ValueError(f"task must be pretrain or finetune, got {task!r}")
+    manifest = manifest or read_manifest(cfg.data_path, attempts=cfg.io_retries)
+    val = read_shards(_first_shards(manifest, cfg.val_split, cfg.max_val_samples))
+    train = read_shards(_first_shards(manifest, cfg.train_split, cfg.max_train_samples), shuffle_files=True)
+    out = {
+        "train": decoded(_limited(train, cfg.max_train_samples), cfg, task),  # type: ignore[arg-type]
+        "val": decoded(_limited(val, cfg.max_val_samples), cfg, "eval"),
+    }
+    if task == "pretrain":
+        probe = read_shards(_first_shards(manifest, cfg.train_split, cfg.max_val_samples))
+        out["probe"] = decoded(_limited(probe, cfg.max_val_samples), cfg, "eval")
+    return out
+
+
+class BatchIterable:
+    """Re-iterable per-worker batches {"image": float (B, 3, H, W) normalised, "label": long (B,)} on `device`.
+
+    Records that failed to decode are dropped (a batch may come out smaller) and counted in `num_corrupt`.
+    """
+
+    def __init__(
+        self,
+        shard: Any,
+        batch_size: int,
+        device: torch.device | str,
+        *,
+        drop_last: bool,
+        reprob: float = 0.0,
+        local_shuffle_buffer_size: int | None = None,
+        prefetch_batches: int = 2,
+    ) -> None:
+        self.shard = shard
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.drop_last = drop_last
+        self.reprob = reprob
+        self.local_shuffle_buffer_size = local_shuffle_buffer_size
+        self.prefetch_batches = prefetch_batches
+        self.num_corrupt = 0
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        erase = random_erasing(self.reprob, self.device) if self.reprob > 0 else None
+        batches = self.shard.iter_torch_batches(
+            batch_size=self.batch_size,
+            drop_last=self.drop_last,
+            device="cpu",
+            prefetch_batches=self.prefetch_batches,
+            local_shuffle_buffer_size=self.local_shuffle_buffer_size,
+            pin_memory=self.device.type == "cuda",
+        )
+        for batch in batches:
+            images, labels = batch["image"], batch["label"]
+            ok = labels >= 0
+            if not bool(ok.all()):
+                self.num_corrupt += int((~ok).sum())
+                logger.warning("dropped %d corrupt records (%d so far)", int((~ok).sum()), self.num_corrupt)
+                images, labels = images[ok], labels[ok]
+                if len(labels) == 0:
+                    continue
+            x = normalize(images, self.device)
+            if erase is not None:
+                x = erase(x)
+            yield {"image": x, "label": labels.to(self.device, non_blocking=True)}
+
+
+def iter_batches(
+    shard: Any,
+    batch_size: int,
+    device: torch.device | str,
+    *,
+    drop_last: bool,
+    reprob: float = 0.0,
+    local_shuffle_buffer_size: int | None = None,
+) -> BatchIterable:
+    """Batches of a Ray dataset / Train dataset shard (`ray.train.get_dataset_shard(name)`), normalised on `device`.
+
+    Args:
+        reprob: finetune training only: timm random erasing probability (pixel mode), applied after normalising.
+        local_shuffle_buffer_size: optional extra row shuffle on the worker (Ray's local shuffle buffer).
+    """
+    return BatchIterable(
+        shard,
+        batch_size,
+        device,
+        drop_last=drop_last,
+        reprob=reprob,
+        local_shuffle_buffer_size=local_shuffle_buffer_size,
+    )
