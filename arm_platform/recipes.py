@@ -72,8 +72,8 @@ def pretrain(size: str) -> TrainConfig:
     tracking = TrackingConfig(vis_every_n_epochs=20, probe_every_n_epochs=20)
     if size == "tiny":  # a few CPU minutes on the embedded Fashion-MNIST shards
         optim = dataclasses.replace(optim, epochs=4, warmup_epochs=1, blr=1.5e-3)
-        data = dataclasses.replace(data, data_path=FASHION_MNIST_SHARDS, min_crop_scale=0.5, max_train_samples=8192,
-                                   max_val_samples=1024, decode_cpus=0.25)
+        data = dataclasses.replace(data, data_path=FASHION_MNIST_SHARDS, min_crop_scale=0.5, max_train_samples=4096,
+                                   max_val_samples=1000, decode_cpus=0.25)
         tracking = TrackingConfig(log_every_n_steps=10, vis_every_n_epochs=2, probe_every_n_epochs=2)
     return TrainConfig(recipe=f"pretrain_{size}", task="pretrain", model=model, data=data, optim=optim,
                        cluster=_cluster(size, workers), tracking=tracking,
@@ -91,9 +91,9 @@ def finetune(size: str) -> TrainConfig:
     data = DataConfig(input_size=img_size, min_crop_scale=0.08, auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25,
                       eval_resize=eval_resize_for(img_size), mixup=0.8, cutmix=1.0, smoothing=0.1)
     if size == "tiny":  # minutes on CPU: light augmentation, short EMA horizon
-        optim = dataclasses.replace(optim, epochs=3, warmup_epochs=0.5, blr=1e-3, ema_decay=0.99)
+        optim = dataclasses.replace(optim, epochs=4, warmup_epochs=0.5, blr=4e-3, ema_decay=0.99)
         data = dataclasses.replace(data, data_path=FASHION_MNIST_SHARDS, auto_augment=None, reprob=0.0, mixup=0.0,
-                                   cutmix=0.0, min_crop_scale=0.5, max_train_samples=8192, max_val_samples=2000,
+                                   cutmix=0.0, min_crop_scale=0.5, max_train_samples=2048, max_val_samples=1000,
                                    decode_cpus=0.25)
     return TrainConfig(recipe=f"finetune_{size}", task="finetune", model=model, data=data, optim=optim,
                        cluster=_cluster(size, 8 if size != "tiny" else 2),

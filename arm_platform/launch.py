@@ -1,0 +1,305 @@
+"""Launch ARM training on Ray Train: validate everything, then build and fit a TorchTrainer.
+
+`fit(cfg, overrides)` parses official flags / dotted overrides (`cli.py`), checks the model, data, batch geometry and
+finetune checkpoint BEFORE Ray starts (ValueError naming the problem), derives a deterministic run name
+(`<recipe>-<config hash>` unless `experiment_name` is set), joins or starts Ray and fits. Re-running the same
+experiment resumes from its latest checkpoint (Ray Train V2 restores the run's checkpoint manager from storage);
+re-running a finished one returns its stored Result without starting Ray; a different config under an existing
+run name raises ValueError. `demo()` is the README flow: tiny pretrain on Fashion-MNIST, then finetune vs scratch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from arm_platform import cli, recipes, storage
+from arm_platform.config import TrainConfig, apply_overrides
+from arm_platform.data.manifest import Manifest, check_data_path
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "arm_run.json"
+"""Per-run record in the run folder: config hash, final step, finished flag."""
+_HASH_EXCLUDE = (
+    "storage_path",
+    "experiment_name",
+    "tracking",
+    "checkpoint.max_failures",
+    "cluster.cpus_per_worker",
+    "data.decode_cpus",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What `validate` derived from a config: geometry, names and where the run lives."""
+
+    cfg: TrainConfig
+    manifest: Manifest
+    steps_per_epoch: int
+    total_steps: int
+    config_hash: str
+    run_name: str
+    storage_path: str
+    """Absolute local path or s3:// URI."""
+
+    @property
+    def run_uri(self) -> str:
+        return storage.join(self.storage_path, self.run_name)
+
+
+# ------------------------------------------------------------------------------------------------ validation
+def config_hash(cfg: TrainConfig) -> str:
+    """Short stable hash of what determines the training trajectory (not where it is stored or tracked)."""
+    data = TrainConfig.from_dict(cfg.to_dict()).to_dict()  # canonical types (1 vs 1.0 for float fields)
+    for key in _HASH_EXCLUDE:
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node[part]
+        node.pop(leaf, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def steps_per_epoch(num_images: int, cfg: TrainConfig) -> int:
+    """Optimizer steps per epoch: each of W workers gets floor(N / W) rows, drop_last batches, accum micro-batches."""
+    per_worker = num_images // cfg.cluster.num_workers
+    return (per_worker // cfg.optim.batch_size) // cfg.optim.accum_iter
+
+
+def validate(cfg: TrainConfig) -> Plan:
+    """Every check that can fail before Ray starts; ValueError naming the problem."""
+    recipes.size_of(cfg.model.name)
+    try:
+        manifest = check_data_path(cfg.data)
+    except (FileNotFoundError, ConnectionError, OSError) as err:
+        raise ValueError(f"data path {cfg.data.data_path!r} is not usable: {err}") from err
+    if manifest.num_classes != cfg.model.num_classes:
+        raise ValueError(
+            f"data path {cfg.data.data_path} has {manifest.num_classes} classes but model.num_classes is "
+            f"{cfg.model.num_classes}; pass model.num_classes={manifest.num_classes}"
+        )
+    num_train = manifest.counts[cfg.data.train_split]
+    if cfg.data.max_train_samples is not None:
+        num_train = min(num_train, cfg.data.max_train_samples)
+    spe = steps_per_epoch(num_train, cfg)
+    if spe < 1:
+        raise ValueError(
+            f"batch not divisible: {num_train} training images cannot fill one global batch of "
+            f"{cfg.optim.effective_batch(cfg.cluster.num_workers)} (batch_size {cfg.optim.batch_size} x "
+            f"accum_iter {cfg.optim.accum_iter} x num_workers {cfg.cluster.num_workers})"
+        )
+    if cfg.data.uses_mixup and cfg.optim.batch_size % 2:
+        raise ValueError(f"batch_size {cfg.optim.batch_size} must be even for Mixup/CutMix")
+    if cfg.task == "finetune" and cfg.finetune:
+        from arm_platform.train.checkpoint import pretrained_source
+
+        pretrained_source(cfg.finetune)
+    run_hash = config_hash(cfg)
+    root = cfg.storage_path if storage.is_s3(cfg.storage_path) else str(Path(cfg.storage_path).expanduser().resolve())
+    return Plan(
+        cfg=cfg,
+        manifest=manifest,
+        steps_per_epoch=spe,
+        total_steps=spe * cfg.optim.epochs,
+        config_hash=run_hash,
+        run_name=cfg.experiment_name or f"{cfg.recipe}-{run_hash}",
+        storage_path=root,
+    )
+
+
+def read_run_record(plan: Plan) -> dict[str, Any] | None:
+    uri = storage.join(plan.run_uri, RUN_FILE)
+    return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
+
+
+def check_run_folder(plan: Plan) -> dict[str, Any] | None:
+    """The existing run record; ValueError when the run name holds a different config (never overwrite it)."""
+    record = read_run_record(plan)
+    if record is not None and record["config_hash"] != plan.config_hash:
+        raise ValueError(
+            f"run {plan.run_uri} already holds a different config (hash {record['config_hash']} != "
+            f"{plan.config_hash}); pick another experiment_name or storage_path"
+        )
+    return record
+
+
+def write_run_record(plan: Plan, finished: bool) -> None:
+    record = {
+        "config_hash": plan.config_hash,
+        "total_steps": plan.total_steps,
+        "finished": finished,
+        "recipe": plan.cfg.recipe,
+        "config": plan.cfg.to_dict(),
+    }
+    storage.write_bytes_atomic(storage.join(plan.run_uri, RUN_FILE), json.dumps(record, indent=2).encode())
+
+
+# ------------------------------------------------------------------------------------------------ Ray
+def loop_config(plan: Plan, tracking_uri: str | None) -> dict[str, Any]:
+    """The dict `train.loop.train_loop_per_worker` receives."""
+    from arm_platform.tracking import default_artifact_location
+    from arm_platform.train.loop import FAULT_ENV
+
+    local_artifacts = default_artifact_location(plan.storage_path)
+    return {
+        "cfg": plan.cfg.to_dict(),
+        "run_name": plan.run_name,
+        "run_uri": plan.run_uri,
+        "steps_per_epoch": plan.steps_per_epoch,
+        "tracking_uri": tracking_uri,
+        "artifact_location": local_artifacts if tracking_uri and tracking_uri.startswith("sqlite:") else None,
+        "fault": os.environ.get(FAULT_ENV),
+    }
+
+
+def init_ray() -> None:
+    """Join the cluster (RAY_ADDRESS / `ray job submit`) or start a local one, unless already connected."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address="auto")
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init()
+
+
+def build_trainer(  # noqa: ANN201 (ray type)
+    plan: Plan, tracking_uri: str | None, name: str | None = None, callbacks: list | None = None
+):
+    """TorchTrainer for a validated plan (also used by `tune`, with a trial-specific `name` and Tune callbacks)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from arm_platform.data.datasets import build_datasets
+    from arm_platform.train.loop import train_loop_per_worker
+
+    cfg = plan.cfg
+    resources = {"CPU": cfg.cluster.cpus_per_worker} | (
+        {"GPU": cfg.cluster.gpus_per_worker} if cfg.cluster.use_gpu else {}
+    )
+    scaling = ray.train.ScalingConfig(
+        num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu, resources_per_worker=resources
+    )
+    fs, path = (
+        storage.filesystem_for(plan.storage_path) if storage.is_s3(plan.storage_path) else (None, plan.storage_path)
+    )
+    ckpt = cfg.checkpoint
+    run_config = ray.train.RunConfig(
+        name=name or plan.run_name,
+        storage_path=path,
+        storage_filesystem=fs,
+        failure_config=ray.train.FailureConfig(max_failures=ckpt.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(
+            num_to_keep=ckpt.num_to_keep,
+            checkpoint_score_attribute=ckpt.score_attribute,
+            checkpoint_score_order=ckpt.score_order,
+        ),
+        callbacks=callbacks,
+    )
+    datasets = build_datasets(cfg.data, cfg.task, plan.manifest)
+    split = ["train"] + (
+        ["val"] if cfg.task == "finetune" and cfg.data.dist_eval and cfg.cluster.num_workers > 1 else []
+    )
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config(plan, tracking_uri),
+        scaling_config=scaling,
+        run_config=run_config,
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=split),
+    )
+
+
+def prepare(cfg: TrainConfig, overrides: list[str] | tuple[str, ...] = ()) -> tuple[TrainConfig, bool]:
+    """Apply CLI flags / overrides; (cfg, dry_run)."""
+    return cli.apply_cli(cfg, list(overrides))
+
+
+def fit(cfg: TrainConfig, overrides: list[str] | tuple[str, ...] = ()):  # noqa: ANN201 (ray.train.Result)
+    """Validate, then train on Ray Train; returns the ray.train.Result (None for --dry-run).
+
+    A finished run (record says finished, same config) returns its stored Result without starting Ray.
+    """
+    import ray.train
+
+    from arm_platform.tracking import default_tracking_uri
+
+    cfg, dry_run = prepare(cfg, overrides)
+    if dry_run:
+        cli.print_config(cfg)
+        return None
+    plan = validate(cfg)
+    record = check_run_folder(plan)
+    fs = storage.filesystem_for(plan.storage_path)[0] if storage.is_s3(plan.storage_path) else None
+    if record is not None and record.get("finished"):
+        log.info("run %s already finished at step %d; returning its result", plan.run_uri, record["total_steps"])
+        return ray.train.Result.from_path(plan.run_uri, storage_filesystem=fs)
+    write_run_record(plan, finished=False)
+    tracking_uri = cfg.tracking.tracking_uri or default_tracking_uri(plan.storage_path)
+    log.info(
+        "run %s: %d steps/epoch x %d epochs, lr %.3e, tracking %s",
+        plan.run_uri,
+        plan.steps_per_epoch,
+        cfg.optim.epochs,
+        cfg.optim.effective_lr(cfg.cluster.num_workers),
+        tracking_uri,
+    )
+    init_ray()
+    result = build_trainer(plan, tracking_uri).fit()
+    if result.metrics and result.metrics.get("step") == plan.total_steps:
+        write_run_record(plan, finished=True)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ demo
+def _ensure_fashion_mnist(data_path: str) -> None:
+    if storage.exists(storage.join(data_path, "manifest.json")):
+        return
+    from arm_platform.data import fashion_mnist
+
+    log.info("writing Fashion-MNIST shards to %s", data_path)
+    fashion_mnist.prepare(data_path)
+
+
+def demo(overrides: list[str] | tuple[str, ...] = ()) -> dict[str, float]:
+    """README flow: pretrain the tiny model on Fashion-MNIST (CPU, minutes), finetune from its checkpoint and from
+    scratch with the same recipe; returns and logs both top-1 accuracies (plus the pretraining kNN accuracy)."""
+    pre_cfg, _ = prepare(recipes.get("pretrain_tiny"), overrides)
+    _ensure_fashion_mnist(pre_cfg.data.data_path)
+    pretrained = fit(pre_cfg)
+    checkpoint_uri = _checkpoint_uri(pretrained)
+    ft_cfg, _ = prepare(recipes.get("finetune_tiny"), [o for o in overrides if not o.startswith("model.")])
+    ft_cfg = dataclasses.replace(
+        ft_cfg,
+        storage_path=pre_cfg.storage_path,
+        data=dataclasses.replace(ft_cfg.data, data_path=pre_cfg.data.data_path),
+    )
+    scores = {"pretrain_knn_acc1": (pretrained.metrics or {}).get("knn_acc1", float("nan"))}
+    for label, init in (("from_pretrained", checkpoint_uri), ("from_scratch", "")):
+        result = fit(apply_overrides(ft_cfg, {"finetune": init}))
+        scores[f"{label}_acc1"] = result.metrics["val_acc1"]
+        scores[f"{label}_ema_acc1"] = result.metrics.get("val_ema_acc1", float("nan"))
+    log.info("demo: %s", scores)
+    return scores
+
+
+def _checkpoint_uri(result) -> str:  # noqa: ANN001 (ray.train.Result)
+    """URI of a Result's latest checkpoint (s3:// prefix restored for S3 storage)."""
+    path = result.checkpoint.path
+    fs = getattr(result.checkpoint, "filesystem", None)
+    return f"s3://{path}" if fs is not None and fs.type_name == "s3" else path
+
+
+def recipe_for(task: str, argv: list[str] | tuple[str, ...], default_size: str = "base") -> TrainConfig:
+    """Recipe `<task>_<size>` with the size taken from `--model` in argv (e.g. arm_tiny_pz4 -> tiny)."""
+    return recipes.get(f"{task}_{cli.model_size(list(argv)) or default_size}")

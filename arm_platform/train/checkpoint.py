@@ -1,0 +1,156 @@
+"""Save / load a full training state to a directory (what Ray Train uploads as one checkpoint).
+
+Files: `state.pt` (model, ema, optimizer, scaler, schedule, step, epoch, RNG), `model.pt` (plain state_dict of the
+model to deploy: the EMA copy when EMA is on) and `config.json` (TrainConfig.to_dict()). Each file is written to a
+temporary name and renamed. Everything loads with `torch.load(..., weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from arm_platform.train.schedule import Schedule
+from arm_platform.train.tasks import unwrap
+
+STATE_FILE, MODEL_FILE, CONFIG_FILE = "state.pt", "model.pt", "config.json"
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    """torch / CUDA / numpy / python RNG states as tensors and plain values (weights_only-loadable)."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    npst = state["numpy"]
+    np.random.set_state(
+        ("MT19937", npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["cached_gaussian"])
+    )
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    epoch: int,
+    config: dict[str, Any],
+    scaler: torch.amp.GradScaler | None = None,
+    ema: nn.Module | None = None,
+    schedule: Schedule | None = None,
+) -> Path:
+    """Write state.pt, model.pt and config.json into `directory` (created if needed); returns the directory.
+
+    `epoch` is the number of completed epochs; `step` the number of completed optimizer steps.
+    """
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    model_sd = unwrap(model).state_dict()
+    ema_sd = ema.module.state_dict() if ema is not None else None
+    state = {
+        "model": model_sd,
+        "ema": ema_sd,
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "schedule": dataclasses.asdict(schedule) if schedule is not None else None,
+        "step": step,
+        "epoch": epoch,
+        "rng": rng_state(),
+    }
+    _atomic_torch_save(state, out / STATE_FILE)
+    _atomic_torch_save(ema_sd if ema_sd is not None else model_sd, out / MODEL_FILE)
+    tmp = out / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
+    os.replace(tmp, out / CONFIG_FILE)
+    return out
+
+
+def load_checkpoint(
+    directory: str | os.PathLike,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    ema: nn.Module | None = None,
+    restore_rng: bool = True,
+) -> dict[str, int]:
+    """Restore what `save_checkpoint` wrote into the given objects; returns {"step", "epoch"}."""
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise ValueError(f"checkpoint {directory} has no {STATE_FILE}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    unwrap(model).load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    if ema is not None:
+        if state["ema"] is None:
+            ema.set(unwrap(model))
+        else:
+            ema.module.load_state_dict(state["ema"])
+    if restore_rng:
+        set_rng_state(state["rng"])
+    return {"step": int(state["step"]), "epoch": int(state["epoch"])}
+
+
+def load_config(directory: str | os.PathLike) -> dict[str, Any]:
+    return json.loads((Path(directory) / CONFIG_FILE).read_text())
+
+
+def pretrained_source(source: str) -> str:
+    """The weights file behind a `--finetune` value: a run checkpoint folder (its model.pt) or a file / s3:// URI."""
+    from arm_platform import storage
+
+    inner = storage.join(source, MODEL_FILE)
+    if storage.exists(inner):
+        return inner
+    if not storage.exists(source):
+        raise ValueError(f"finetune checkpoint {source!r} does not exist")
+    return source
+
+
+def load_pretrained_weights(model: nn.Module, source: str) -> tuple[list[str], list[str]]:
+    """Initialise a classifier from pretraining weights (official main_finetune.py mapping in models.convert).
+
+    Returns (missing, unexpected) keys.
+    """
+    from arm_platform import storage
+    from arm_platform.models.convert import load_pretrained
+
+    data = io.BytesIO(storage.read_bytes(pretrained_source(source)))
+    return load_pretrained(model, data)

@@ -1,0 +1,310 @@
+"""Per-worker Ray Train loop: the only per-rank Ray code (dataset shards, prepare_model, report + checkpoint).
+
+`train_loop_per_worker(config)` receives `launch.loop_config(...)`: {"cfg": TrainConfig.to_dict(), "run_name",
+"run_uri", "steps_per_epoch", "tracking_uri", "artifact_location", "fault"}. It resumes from
+`ray.train.get_checkpoint()` (worker restarts and re-runs of the same experiment), checkpoints every
+`checkpoint.every_n_steps` optimizer steps and at every epoch end (world rank 0 writes the checkpoint; all ranks
+call `ray.train.report`, which is a barrier).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.utils import ModelEmaV3
+
+from arm_platform import ops
+from arm_platform.config import TrainConfig, flatten
+from arm_platform.data.datasets import iter_batches
+from arm_platform.models import build_model
+from arm_platform.tracking import NullTracker, build_tracker
+from arm_platform.train.checkpoint import load_checkpoint, load_pretrained_weights, save_checkpoint
+from arm_platform.train.engine import evaluate, train_one_epoch
+from arm_platform.train.knn import extract_features, knn_accuracy
+from arm_platform.train.optim import build_optimizer
+from arm_platform.train.schedule import Schedule, build_schedule
+from arm_platform.train.tasks import build_task, unwrap
+
+log = logging.getLogger(__name__)
+
+FAULT_ENV = "ARM_FAULT_INJECT"
+"""Test hook, "<step>:<marker file>": the last rank raises once at that optimizer step (launch copies it here)."""
+
+NUM_VIS_IMAGES = 8
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """Deterministic checkpoint folder name inside the run directory."""
+    return f"checkpoint_{step:09d}"
+
+
+class _Run:
+    """Everything one worker holds while training (kept small so the loop reads top to bottom)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.cfg = TrainConfig.from_dict(config["cfg"])
+        self.run_name: str = config["run_name"]
+        self.spe: int = config["steps_per_epoch"]
+        self.fault: str | None = config.get("fault")
+        self.run_uri: str = config["run_uri"]
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.total_steps = self.cfg.optim.epochs * self.spe
+        self.schedule: Schedule = build_schedule(self.cfg.optim, num_workers=self.world, steps_per_epoch=self.spe)
+        self.tracker: NullTracker = NullTracker()
+        self._t_log, self._step_log = time.perf_counter(), 0
+
+    # ---------------------------------------------------------------- set-up
+    def build(self) -> int:
+        """Model, EMA, optimizer, task; restores the latest checkpoint. Returns the step to start from."""
+        cfg = self.cfg
+        seed = cfg.seed + self.rank
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        model = build_model(cfg.model, cfg.task)
+        if cfg.model.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
+            model.set_grad_checkpointing(True)
+        checkpoint = ray.train.get_checkpoint()
+        if cfg.task == "finetune" and cfg.finetune and checkpoint is None:
+            load_pretrained_weights(model, cfg.finetune)
+        model.to(self.device)
+        self.ema = ModelEmaV3(model, decay=cfg.optim.ema_decay) if cfg.optim.ema_decay else None
+        self.optimizer = build_optimizer(model, cfg.optim, cfg.task)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)  # bf16 needs no loss scaling
+        step = 0
+        if checkpoint is not None:
+            with checkpoint.as_directory() as directory:
+                step = load_checkpoint(
+                    directory, model=model, optimizer=self.optimizer, scaler=self.scaler, ema=self.ema
+                )["step"]
+            log.info("rank %d resumed from step %d", self.rank, step)
+        self.model = ray.train.torch.prepare_model(model)
+        self.task = build_task(cfg, self.model)
+        return step
+
+    def start_tracking(self, tracking_uri: str | None, artifact_location: str | None) -> None:
+        params = {
+            **flatten(self.cfg),
+            "ops_backend": ops.active_backend(self.device),
+            "world_size": self.world,
+            "steps_per_epoch": self.spe,
+            "peak_lr": self.schedule.peak_lr,
+        }
+        cfg = self.cfg.tracking
+        self.tracker = build_tracker(
+            rank=self.rank,
+            tracking_uri=tracking_uri,
+            experiment=cfg.experiment_name or self.cfg.recipe,
+            run_name=self.run_name,
+            params=params,
+            system_metrics=cfg.system_metrics,
+            artifact_location=artifact_location,
+        )
+
+    # ---------------------------------------------------------------- per step
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        self._maybe_fail(step)
+        every = self.cfg.tracking.log_every_n_steps
+        if every and step % every == 0:
+            self._log_progress(step, metrics)
+        n = self.cfg.checkpoint.every_n_steps
+        if n and step % n == 0 and step % self.spe != 0:
+            self.report({**metrics, "step": step, "epoch": step / self.spe}, step)
+
+    def _log_progress(self, step: int, metrics: dict[str, float]) -> None:
+        now = time.perf_counter()
+        global_batch = self.cfg.optim.effective_batch(self.world)
+        img_s = (step - self._step_log) * global_batch / max(now - self._t_log, 1e-9)
+        self._t_log, self._step_log = now, step
+        self.tracker.log_metrics({"loss": metrics["loss"], "lr": metrics["lr"], "img_per_s": img_s}, step)
+        if self.rank == 0:
+            eta = (self.total_steps - step) * global_batch / max(img_s, 1e-9)
+            log.info(
+                "epoch %d/%d step %d/%d loss %.4f lr %.3e %.1f img/s ETA %s",
+                (step - 1) // self.spe + 1,
+                self.cfg.optim.epochs,
+                step,
+                self.total_steps,
+                metrics["loss"],
+                metrics["lr"],
+                img_s,
+                _duration(eta),
+            )
+
+    def _maybe_fail(self, step: int) -> None:
+        if not self.fault or self.rank != self.world - 1:
+            return
+        at, marker = self.fault.split(":", 1)
+        if step == int(at) and not Path(marker).exists():
+            Path(marker).write_text(str(step))
+            raise RuntimeError(f"injected fault at step {step} ({FAULT_ENV})")
+
+    # ---------------------------------------------------------------- reporting
+    def report(self, metrics: dict[str, float], step: int) -> None:
+        """ray.train.report on every rank; world rank 0 attaches the checkpoint."""
+        epoch = step // self.spe
+        if self.rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(
+                tmp,
+                model=self.model,
+                optimizer=self.optimizer,
+                step=step,
+                epoch=epoch,
+                config=self.cfg.to_dict(),
+                scaler=self.scaler,
+                ema=self.ema,
+                schedule=self.schedule,
+            )
+            name = checkpoint_dir_name(step)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+        self.tracker.set_tag(f"checkpoint.step_{step:09d}", self._checkpoint_uri(name))
+        self.tracker.set_tag("checkpoint.latest", self._checkpoint_uri(name))
+
+    def _checkpoint_uri(self, name: str) -> str:
+        return f"{self.run_uri.rstrip('/')}/{name}"
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate_epoch(self, epoch: int) -> dict[str, float]:
+        """Finetune: top-1/top-5 of model and EMA on val. Pretrain: kNN probe + image grid every K epochs."""
+        last = epoch == self.cfg.optim.epochs
+        if self.cfg.task == "finetune":
+            if epoch % self.cfg.eval_every_n_epochs and not last:
+                return {}
+            return self._eval_classifier()
+        out: dict[str, float] = {}
+        if self.rank == 0 and _due(epoch, self.cfg.tracking.probe_every_n_epochs, last):
+            out.update(self._knn_probe())
+        if self.rank == 0 and _due(epoch, self.cfg.tracking.vis_every_n_epochs, last):
+            self._log_predictions(epoch)
+        return out
+
+    def _val_batches(self, name: str = "val"):
+        return iter_batches(ray.train.get_dataset_shard(name), self.cfg.optim.batch_size, self.device, drop_last=False)
+
+    def _eval_classifier(self) -> dict[str, float]:
+        dist_eval = self.cfg.data.dist_eval and self.world > 1
+        if not dist_eval and self.rank != 0:
+            return {}
+        out = {}
+        models = {"val": unwrap(self.model)} | ({"val_ema": self.ema.module} if self.ema is not None else {})
+        for prefix, model in models.items():
+            stats = evaluate(model, self._val_batches(), precision=self.cfg.precision, distributed=dist_eval)
+            out |= {f"{prefix}_acc1": stats["acc1"], f"{prefix}_acc5": stats["acc5"], f"{prefix}_loss": stats["loss"]}
+        return out
+
+    def _knn_probe(self) -> dict[str, float]:
+        model = unwrap(self.model)
+        bank, bank_labels = extract_features(model, self._val_batches("probe"), self.cfg.precision)
+        query, query_labels = extract_features(model, self._val_batches("val"), self.cfg.precision)
+        tcfg = self.cfg.tracking
+        acc = knn_accuracy(
+            bank,
+            bank_labels,
+            query,
+            query_labels,
+            num_classes=self.cfg.model.num_classes,
+            k=tcfg.knn_k,
+            temperature=tcfg.knn_temperature,
+        )
+        return {"knn_acc1": acc["acc1"], "knn_acc5": acc["acc5"]}
+
+    @torch.no_grad()
+    def _log_predictions(self, epoch: int) -> None:
+        model = unwrap(self.model)
+        batch = next(iter(self._val_batches()))
+        pred, true = model.predict_images(batch["image"][:NUM_VIS_IMAGES])
+        self.tracker.log_images(_denormalize(pred), _denormalize(true), f"pred_epoch{epoch:04d}")
+
+
+def _duration(seconds: float) -> str:
+    """Compact ETA: "3d04h", "2h05m" or "4m12s"."""
+    s = int(seconds)
+    if s >= 86400:
+        return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _due(epoch: int, every: int, last: bool) -> bool:
+    return bool(every) and (epoch % every == 0 or last)
+
+
+def _denormalize(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) ImageNet-normalised -> [0, 1] on CPU."""
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD, device=x.device).view(1, -1, 1, 1)
+    return (x.float() * std + mean).clamp(0, 1).cpu()
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point (one call per worker)."""
+    logging.basicConfig(level=os.environ.get("ARM_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s: %(message)s")
+    run = _Run(config)
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
+    step = run.build()
+    if step >= run.total_steps:
+        log.info("run %s already reached its final step %d", run.run_name, step)
+        return
+    run.start_tracking(config.get("tracking_uri"), config.get("artifact_location"))
+    run._t_log, run._step_log = time.perf_counter(), step
+    cfg, train_shard = run.cfg, ray.train.get_dataset_shard("train")
+    try:
+        for epoch in range(step // run.spe, cfg.optim.epochs):
+            remaining = (epoch + 1) * run.spe - step
+            reprob = cfg.data.reprob if cfg.task == "finetune" else 0.0
+            batches = iter_batches(train_shard, cfg.optim.batch_size, run.device, drop_last=True, reprob=reprob)
+            stats = train_one_epoch(
+                run.task,
+                batches,
+                run.optimizer,
+                run.schedule,
+                start_step=step,
+                max_steps=remaining,
+                accum_iter=cfg.optim.accum_iter,
+                clip_grad=cfg.optim.clip_grad,
+                scaler=run.scaler,
+                ema=run.ema,
+                precision=cfg.precision,
+                world_size=run.world,
+                on_step=run.on_step,
+            )
+            if stats["steps"] < remaining:
+                raise RuntimeError(f"train shard ran out after {stats['steps']} of {remaining} steps in epoch {epoch}")
+            step += stats["steps"]
+            metrics = {
+                "loss": stats["loss"],
+                "lr": run.schedule.lr_at(step - 1),
+                "epoch": epoch + 1,
+                "step": step,
+                "img_per_s": stats["img_per_s"],
+            } | run.evaluate_epoch(epoch + 1)
+            run.tracker.log_metrics(
+                {
+                    f"epoch_{k}" if k in ("loss", "img_per_s") else k: v
+                    for k, v in metrics.items()
+                    if k not in ("step",)
+                },
+                step,
+            )
+            if run.rank == 0:
+                log.info("epoch %d done: %s", epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
+            run.report(metrics, step)
+    except BaseException:
+        run.tracker.finish("FAILED")
+        raise
+    run.tracker.finish()
