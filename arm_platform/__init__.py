@@ -6,7 +6,20 @@
 import importlib
 
 __version__ = "0.1.0"
-__all__ = ["config", "recipes", "ops", "models", "data", "train", "launch", "tracking", "storage", "registry"]
+__all__ = [
+    "config",
+    "recipes",
+    "ops",
+    "models",
+    "data",
+    "train",
+    "launch",
+    "sweep",
+    "cli",
+    "tracking",
+    "storage",
+    "registry",
+]
 
 
 def __getattr__(name: str):

@@ -46,10 +46,14 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _require(self.embed_dim > 0 and self.depth > 0, f"embed_dim and depth must be positive, got {self}")
-        _require(self.img_size % self.patch_size == 0,
-                 f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
-        _require(self.decoder_dim % self.decoder_head_dim == 0,
-                 f"decoder_dim {self.decoder_dim} is not divisible by decoder_head_dim {self.decoder_head_dim}")
+        _require(
+            self.img_size % self.patch_size == 0,
+            f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}",
+        )
+        _require(
+            self.decoder_dim % self.decoder_head_dim == 0,
+            f"decoder_dim {self.decoder_dim} is not divisible by decoder_head_dim {self.decoder_head_dim}",
+        )
         _require(0.0 <= self.drop_path_rate < 1.0, f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
 
     @property
@@ -99,9 +103,11 @@ class ModelConfig:
 
     def validate_for_pretraining(self) -> None:
         """Raise ValueError unless the patch grid splits into at least two whole clusters."""
-        _require(self.grid_size % self.cluster_size == 0,
-                 f"grid {self.grid_size}x{self.grid_size} (img_size {self.img_size} / patch_size {self.patch_size}) "
-                 f"is not divisible by cluster_size {self.cluster_size}")
+        _require(
+            self.grid_size % self.cluster_size == 0,
+            f"grid {self.grid_size}x{self.grid_size} (img_size {self.img_size} / patch_size {self.patch_size}) "
+            f"is not divisible by cluster_size {self.cluster_size}",
+        )
         _require(self.num_clusters >= 2, f"pretraining needs >= 2 clusters, got {self.num_clusters}")
 
 
@@ -150,8 +156,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         _require(0.0 < self.min_crop_scale <= 1.0, f"min_crop_scale must be in (0, 1], got {self.min_crop_scale}")
         _require(0.0 <= self.reprob <= 1.0, f"reprob must be in [0, 1], got {self.reprob}")
-        _require(self.eval_resize >= self.input_size,
-                 f"eval_resize {self.eval_resize} must be >= input_size {self.input_size}")
+        _require(
+            self.eval_resize >= self.input_size,
+            f"eval_resize {self.eval_resize} must be >= input_size {self.input_size}",
+        )
         _require(self.mixup >= 0 and self.cutmix >= 0, "mixup / cutmix alphas must be >= 0")
 
     @property
@@ -186,8 +194,10 @@ class OptimConfig:
         _require(self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}")
         _require(self.epochs > 0, f"epochs must be positive, got {self.epochs}")
         _require(self.accum_iter >= 1, f"accum_iter must be >= 1, got {self.accum_iter}")
-        _require(0 <= self.warmup_epochs <= self.epochs,
-                 f"warmup_epochs {self.warmup_epochs} must be in [0, epochs={self.epochs}]")
+        _require(
+            0 <= self.warmup_epochs <= self.epochs,
+            f"warmup_epochs {self.warmup_epochs} must be in [0, epochs={self.epochs}]",
+        )
         _require(self.blr > 0 or (self.lr or 0) > 0, "one of blr / lr must be positive")
         _require(self.layer_decay is None or 0 < self.layer_decay <= 1, "layer_decay must be in (0, 1]")
         _require(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay must be in (0, 1)")
@@ -280,9 +290,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(self.task in TASKS, f"task must be one of {TASKS}, got {self.task!r}")
         _require(self.precision in ("bf16", "fp32"), f"precision must be bf16 or fp32, got {self.precision!r}")
-        _require(self.data.input_size == self.model.img_size,
-                 f"data.input_size {self.data.input_size} != model.img_size {self.model.img_size} "
-                 "(set both, e.g. with --input_size)")
+        _require(
+            self.data.input_size == self.model.img_size,
+            f"data.input_size {self.data.input_size} != model.img_size {self.model.img_size} "
+            "(set both, e.g. with --input_size)",
+        )
         if self.task == "pretrain":
             self.model.validate_for_pretraining()
 

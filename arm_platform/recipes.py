@@ -24,8 +24,18 @@ EVAL_CROP_PCT = 224 / 256
 
 ARM_SIZES: dict[str, ModelConfig] = {
     # Ours (not in the ARM repo): a CPU demo size for 32 px images; geometry still exercises every code path.
-    "tiny": ModelConfig(name="arm_tiny_pz4", embed_dim=128, depth=6, img_size=32, patch_size=4, cluster_size=2,
-                        decoder_dim=128, decoder_depth=2, decoder_head_dim=32, num_classes=10),
+    "tiny": ModelConfig(
+        name="arm_tiny_pz4",
+        embed_dim=128,
+        depth=6,
+        img_size=32,
+        patch_size=4,
+        cluster_size=2,
+        decoder_dim=128,
+        decoder_depth=2,
+        decoder_head_dim=32,
+        num_classes=10,
+    ),
     # Ours: ViT-S-like width, official patch / cluster / decoder geometry.
     "small": ModelConfig(name="arm_small_pz16", embed_dim=384, depth=12),
     "base": ModelConfig(name="arm_base_pz16", embed_dim=768, depth=12),  # models_pretrain.py arm_base_pz16
@@ -35,13 +45,23 @@ ARM_SIZES: dict[str, ModelConfig] = {
 
 # size -> (batch per GPU, accum_iter, workers). Official README: base 256 x 8 GPUs, large 128 x 8 GPUs.
 # huge has no official recipe: 64 per 80 GB GPU with accumulation x4 reaches base's effective batch of 2048.
-_PRETRAIN_BATCH = {"tiny": (64, 1, 2), "small": (256, 1, 8), "base": (256, 1, 8), "large": (128, 1, 8),
-                   "huge": (64, 4, 8)}
+_PRETRAIN_BATCH = {
+    "tiny": (64, 1, 2),
+    "small": (256, 1, 8),
+    "base": (256, 1, 8),
+    "large": (128, 1, 8),
+    "huge": (64, 4, 8),
+}
 
 # size -> (batch per GPU, accum_iter, layer_decay, drop_path). Official README: base 128x1 0.65 0.1,
 # large 32x4 0.75 0.3; huge / small are ours (MAE ViT-H / ViT-B values).
-_FINETUNE_TABLE = {"tiny": (64, 1, 0.75, 0.05), "small": (128, 1, 0.65, 0.1), "base": (128, 1, 0.65, 0.1),
-                   "large": (32, 4, 0.75, 0.3), "huge": (32, 4, 0.75, 0.3)}
+_FINETUNE_TABLE = {
+    "tiny": (64, 1, 0.75, 0.05),
+    "small": (128, 1, 0.65, 0.1),
+    "base": (128, 1, 0.65, 0.1),
+    "large": (32, 4, 0.75, 0.3),
+    "huge": (32, 4, 0.75, 0.3),
+}
 
 FASHION_MNIST_SHARDS = "./data/fashion-mnist"
 """Where `jobs/prepare_data.py --dataset fashion-mnist` writes the embedded dataset by default."""
@@ -66,18 +86,39 @@ def pretrain(size: str) -> TrainConfig:
     """ARM pretraining (README): 1600 epochs, warmup 40, blr 1.5e-4, wd 0.05, AdamW(0.9, 0.95), clip 3.0, 192 px."""
     batch, accum, workers = _PRETRAIN_BATCH[size]
     model = dataclasses.replace(ARM_SIZES[size], grad_checkpointing=(size == "huge"))
-    optim = OptimConfig(batch_size=batch, accum_iter=accum, epochs=1600, warmup_epochs=40, blr=1.5e-4,
-                        weight_decay=0.05, betas=(0.9, 0.95), clip_grad=3.0)
+    optim = OptimConfig(
+        batch_size=batch,
+        accum_iter=accum,
+        epochs=1600,
+        warmup_epochs=40,
+        blr=1.5e-4,
+        weight_decay=0.05,
+        betas=(0.9, 0.95),
+        clip_grad=3.0,
+    )
     data = DataConfig(input_size=model.img_size, min_crop_scale=0.2)
     tracking = TrackingConfig(vis_every_n_epochs=20, probe_every_n_epochs=20)
     if size == "tiny":  # a few CPU minutes on the embedded Fashion-MNIST shards
         optim = dataclasses.replace(optim, epochs=4, warmup_epochs=1, blr=1.5e-3)
-        data = dataclasses.replace(data, data_path=FASHION_MNIST_SHARDS, min_crop_scale=0.5, max_train_samples=4096,
-                                   max_val_samples=1000, decode_cpus=0.25)
+        data = dataclasses.replace(
+            data,
+            data_path=FASHION_MNIST_SHARDS,
+            min_crop_scale=0.5,
+            max_train_samples=4096,
+            max_val_samples=1000,
+            decode_cpus=0.25,
+        )
         tracking = TrackingConfig(log_every_n_steps=10, vis_every_n_epochs=2, probe_every_n_epochs=2)
-    return TrainConfig(recipe=f"pretrain_{size}", task="pretrain", model=model, data=data, optim=optim,
-                       cluster=_cluster(size, workers), tracking=tracking,
-                       checkpoint=CheckpointConfig(every_n_steps=0 if size == "tiny" else 5000, num_to_keep=3))
+    return TrainConfig(
+        recipe=f"pretrain_{size}",
+        task="pretrain",
+        model=model,
+        data=data,
+        optim=optim,
+        cluster=_cluster(size, workers),
+        tracking=tracking,
+        checkpoint=CheckpointConfig(every_n_steps=0 if size == "tiny" else 5000, num_to_keep=3),
+    )
 
 
 def finetune(size: str) -> TrainConfig:
@@ -85,23 +126,59 @@ def finetune(size: str) -> TrainConfig:
     batch, accum, layer_decay, drop_path = _FINETUNE_TABLE[size]
     img_size = ARM_SIZES[size].img_size if size == "tiny" else FINETUNE_IMG_SIZE
     model = dataclasses.replace(ARM_SIZES[size], img_size=img_size, drop_path_rate=drop_path, global_pool=True)
-    optim = OptimConfig(batch_size=batch, accum_iter=accum, epochs=100, warmup_epochs=5, blr=5e-4, min_lr=1e-6,
-                        weight_decay=0.05, betas=(0.9, 0.999), clip_grad=None, layer_decay=layer_decay,
-                        ema_decay=0.99992)
-    data = DataConfig(input_size=img_size, min_crop_scale=0.08, auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25,
-                      eval_resize=eval_resize_for(img_size), mixup=0.8, cutmix=1.0, smoothing=0.1)
+    optim = OptimConfig(
+        batch_size=batch,
+        accum_iter=accum,
+        epochs=100,
+        warmup_epochs=5,
+        blr=5e-4,
+        min_lr=1e-6,
+        weight_decay=0.05,
+        betas=(0.9, 0.999),
+        clip_grad=None,
+        layer_decay=layer_decay,
+        ema_decay=0.99992,
+    )
+    data = DataConfig(
+        input_size=img_size,
+        min_crop_scale=0.08,
+        auto_augment="rand-m9-mstd0.5-inc1",
+        reprob=0.25,
+        eval_resize=eval_resize_for(img_size),
+        mixup=0.8,
+        cutmix=1.0,
+        smoothing=0.1,
+    )
     if size == "tiny":  # minutes on CPU: light augmentation, short EMA horizon
         optim = dataclasses.replace(optim, epochs=4, warmup_epochs=0.5, blr=4e-3, ema_decay=0.99)
-        data = dataclasses.replace(data, data_path=FASHION_MNIST_SHARDS, auto_augment=None, reprob=0.0, mixup=0.0,
-                                   cutmix=0.0, min_crop_scale=0.5, max_train_samples=2048, max_val_samples=1000,
-                                   decode_cpus=0.25)
-    return TrainConfig(recipe=f"finetune_{size}", task="finetune", model=model, data=data, optim=optim,
-                       cluster=_cluster(size, 8 if size != "tiny" else 2),
-                       checkpoint=CheckpointConfig(num_to_keep=2, score_attribute="val_acc1", score_order="max"))
+        data = dataclasses.replace(
+            data,
+            data_path=FASHION_MNIST_SHARDS,
+            auto_augment=None,
+            reprob=0.0,
+            mixup=0.0,
+            cutmix=0.0,
+            min_crop_scale=0.5,
+            max_train_samples=2048,
+            max_val_samples=1000,
+            decode_cpus=0.25,
+        )
+    return TrainConfig(
+        recipe=f"finetune_{size}",
+        task="finetune",
+        model=model,
+        data=data,
+        optim=optim,
+        cluster=_cluster(size, 8 if size != "tiny" else 2),
+        checkpoint=CheckpointConfig(num_to_keep=2, score_attribute="val_acc1", score_order="max"),
+    )
 
 
-RECIPES = {f"{task}_{size}": partial(fn, size) for task, fn in (("pretrain", pretrain), ("finetune", finetune))
-           for size in ARM_SIZES}
+RECIPES = {
+    f"{task}_{size}": partial(fn, size)
+    for task, fn in (("pretrain", pretrain), ("finetune", finetune))
+    for size in ARM_SIZES
+}
 
 
 def get(name: str) -> TrainConfig:

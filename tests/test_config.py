@@ -42,10 +42,18 @@ def test_finetune_recipes_carry_the_official_regularisation():
 
 
 def test_overrides_cast_by_field_type():
-    cfg = config.apply_overrides(recipes.get("pretrain_tiny"), [
-        "optim.blr=2e-4", "cluster.num_workers=3", "optim.clip_grad=none", "model.global_pool=false",
-        "optim.betas=0.9,0.99", "data.data_path=s3://bucket/shards", "optim.epochs=1e1",
-    ])
+    cfg = config.apply_overrides(
+        recipes.get("pretrain_tiny"),
+        [
+            "optim.blr=2e-4",
+            "cluster.num_workers=3",
+            "optim.clip_grad=none",
+            "model.global_pool=false",
+            "optim.betas=0.9,0.99",
+            "data.data_path=s3://bucket/shards",
+            "optim.epochs=1e1",
+        ],
+    )
     assert cfg.optim.blr == 2e-4 and cfg.cluster.num_workers == 3 and cfg.optim.clip_grad is None
     assert cfg.model.global_pool is False and cfg.optim.betas == (0.9, 0.99) and cfg.optim.epochs == 10
     assert cfg.data.data_path == "s3://bucket/shards"
@@ -66,8 +74,9 @@ def test_invalid_geometry_is_rejected_with_the_numbers_in_the_message():
     with pytest.raises(ValueError, match="not divisible by cluster_size 5"):
         config.apply_overrides(recipes.get("pretrain_base"), ["model.cluster_size=5"])
     # finetuning does not cluster, so any patch-divisible size works
-    ft = config.apply_overrides(recipes.get("finetune_base"), ["model.img_size=384", "data.input_size=384",
-                                                               "data.eval_resize=384"])
+    ft = config.apply_overrides(
+        recipes.get("finetune_base"), ["model.img_size=384", "data.input_size=384", "data.eval_resize=384"]
+    )
     assert ft.model.grid_size == 24
 
 

@@ -115,6 +115,8 @@ def build_datasets(cfg: DataConfig, task: str, manifest: Manifest | None = None)
     if task not in ("pretrain", "finetune"):
         raise ValueError(f"task must be pretrain or finetune, got {task!r}")
     manifest = manifest or read_manifest(cfg.data_path, attempts=cfg.io_retries)
+    # Ray Data's per-operator bars flood job logs; the training loop prints one progress line every N steps.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     val = read_shards(_first_shards(manifest, cfg.val_split, cfg.max_val_samples))
     train = read_shards(_first_shards(manifest, cfg.train_split, cfg.max_train_samples), shuffle_files=True)
     out = {

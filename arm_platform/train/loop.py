@@ -292,6 +292,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "epoch": epoch + 1,
                 "step": step,
                 "img_per_s": stats["img_per_s"],
+                "corrupt_records": float(batches.num_corrupt),  # this worker's undecodable records, this epoch
             } | run.evaluate_epoch(epoch + 1)
             run.tracker.log_metrics(
                 {
