@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import logging
 import math
 import numbers
@@ -223,18 +222,7 @@ def train_driver_fn(
     cfg = dataclasses.replace(apply_overrides(TrainConfig.from_dict(base), overrides), experiment_name=name)
     plan = launch.validate(cfg)
     start_trial_run(tracking_uri, experiment, parent_run_id, sweep_name, trial_id, plan.run_name, cfg)
-    _build_trainer(plan, tracking_uri, name).fit()
-
-
-def _build_trainer(plan: launch.Plan, tracking_uri: str, name: str):  # noqa: ANN202 (ray type)
-    """launch.build_trainer with the TuneReportCallback attached to its RunConfig."""
-    callbacks = [TuneReportCallback()]
-    if "callbacks" in inspect.signature(launch.build_trainer).parameters:
-        return launch.build_trainer(plan, tracking_uri, name=name, callbacks=callbacks)
-    trainer = launch.build_trainer(plan, tracking_uri, name=name)
-    # TODO(launch.build_trainer has no callbacks argument yet): the trainer reads run_config.callbacks at fit().
-    trainer.run_config.callbacks = [*(trainer.run_config.callbacks or []), *callbacks]
-    return trainer
+    launch.build_trainer(plan, tracking_uri, name=name, callbacks=[TuneReportCallback()]).fit()
 
 
 def _sweep_path(cfg: TrainConfig, sweep_name: str) -> tuple[str, str]:
