@@ -141,7 +141,7 @@ class DataConfig:
     decode_cpus: float = 1.0
     """CPUs reserved per Ray Data decode/augment task (fractional on small machines)."""
     decode_batch_size: int = 256
-    """Images per Ray Data decode/augment call (smaller: more parallel tasks, more overhead)."""
+    """Rows per Ray Data read block and decode/augment task (smaller: more parallel tasks, more overhead)."""
     io_retries: int = 3
     """Attempts for storage checks / reads (missing shard, unreachable bucket) before a clear error."""
     shard_size_mb: float = 256.0

@@ -34,8 +34,6 @@ logger = logging.getLogger(__name__)
 METRIC, MODE = "val_acc1", "max"
 TRIAL_DRIVER_CPUS = 0.1
 """CPU reserved by each trial's driver process (it only waits on its TorchTrainer)."""
-DATA_READ_TASK_CPUS = 1.0
-"""Ray Data's default num_cpus for read_parquet / repartition tasks."""
 SWEEP_TAG, TRIAL_TAG = "arm.sweep_name", "arm.trial_id"
 CHECKPOINT_PATH_KEY = "checkpoint_path"
 """Metric key TuneReportCallback adds with the storage path of the reported checkpoint."""
@@ -112,12 +110,11 @@ def _number(text: str) -> Any:
 def trial_resources(cfg: TrainConfig) -> dict[str, float]:
     """Cluster resources one trial needs at once: its driver, its Train workers and one Ray Data task.
 
-    Ray Data read / repartition tasks take a whole CPU (Ray's default), decode tasks `data.decode_cpus`; a trial
-    whose workers leave less than that free deadlocks, so it counts as needed.
+    Ray Data read and decode tasks each reserve `data.decode_cpus`; a trial whose workers leave less than that free
+    deadlocks, so it counts as needed.
     """
     c = cfg.cluster
-    data_cpus = max(cfg.data.decode_cpus, DATA_READ_TASK_CPUS)
-    need = {"CPU": TRIAL_DRIVER_CPUS + c.num_workers * c.cpus_per_worker + data_cpus}
+    need = {"CPU": TRIAL_DRIVER_CPUS + c.num_workers * c.cpus_per_worker + cfg.data.decode_cpus}
     if c.use_gpu:
         need["GPU"] = c.num_workers * c.gpus_per_worker
     return need

@@ -3,6 +3,9 @@ ImageFolder + DataLoader on the same images, same pretrain augment, same number 
 
     python benchmarks/data.py --images 3000 --cores 2 --input-size 192
 
+A third, reference row runs a DataLoader with the Ray pipeline's own per-image kernels (libjpeg-turbo decode + uint8
+tensor resize, 2-3x PIL's speed), so the table separates the kernels' gain from Ray's overhead.
+
 Images: a generated ImageNet-like ImageFolder (JPEGs of 300-500 px, 10 classes) or --src an existing one.
 Both pipelines produce ImageNet-normalised float batches (B, 3, S, S) in this process, as a training loop consumes
 them: RandomResizedCrop(S, scale (0.2, 1), bicubic) + horizontal flip. Ray decodes into uint8 and normalises on the
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import statistics
 import sys
@@ -78,6 +82,38 @@ def torchvision_epochs(root: str, cfg: DataConfig, batch_size: int, workers: int
     return epoch
 
 
+def kernel_loader_epochs(root: str, cfg: DataConfig, batch_size: int, workers: int) -> Callable[[], int]:
+    """Reference: DataLoader over the same files with the Ray pipeline's per-image kernels (decode_jpeg + uint8
+    tensor resize, normalised in this process). Separates Ray's overhead from the kernels' speed."""
+    import torch
+    from torchvision import datasets as tvd
+
+    from arm_platform.data.transforms import decode_tensor, image_fn, normalize
+
+    class Files(torch.utils.data.Dataset):
+        def __init__(self) -> None:
+            self.samples = tvd.ImageFolder(os.path.join(root, "train")).samples
+            self.fn = image_fn(cfg, "pretrain")
+
+        def __len__(self) -> int:
+            return len(self.samples)
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+            path, label = self.samples[i]
+            with open(path, "rb") as f:
+                img = decode_tensor(f.read())
+            return torch.from_numpy(self.fn(img, np.random.default_rng())), label
+
+    loader = torch.utils.data.DataLoader(
+        Files(), batch_size=batch_size, shuffle=True, num_workers=workers, persistent_workers=True
+    )
+
+    def epoch() -> int:
+        return _consume(({"image": normalize(x), "label": y} for x, y in loader))
+
+    return epoch
+
+
 def ray_epochs(data_path: str, cfg: DataConfig, batch_size: int) -> Callable[[], int]:
     """One-epoch runner over the Ray Data pipeline (build_datasets(...)["train"] + iter_batches)."""
     from arm_platform.data import datasets
@@ -107,6 +143,7 @@ def start_moto() -> tuple[object, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per S3 request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     os.environ.update(
@@ -178,6 +215,7 @@ def main() -> None:
     )
     ray.data.DataContext.get_current().enable_progress_bars = False
     pipelines["torchvision ImageFolder+DataLoader"] = torchvision_epochs(src, cfg, args.batch_size, args.cores)
+    pipelines["reference: DataLoader + ARM kernels"] = kernel_loader_epochs(src, cfg, args.batch_size, args.cores)
     pipelines["ray data, local parquet"] = ray_epochs(local, cfg, args.batch_size)
     if server is not None:
         pipelines["ray data, s3 parquet (moto)"] = ray_epochs(f"s3://{bucket}/shards", cfg, args.batch_size)

@@ -1,8 +1,9 @@
 """Ray Data pipeline (the only data module that imports Ray): Parquet shards -> decoded, augmented uint8 batches.
 
     read_parquet (local or S3, explicit shard list from the manifest)
-      -> [limit] -> randomize_block_order (train)
-      -> map_batches(BatchTransform) on CPU, fractional `decode_cpus` per task   rows: image uint8 (3, H, W), label
+      (one read task per shard, blocks of ~decode_batch_size rows, shard order shuffled each epoch for train)
+      -> [limit] -> map_batches(BatchTransform) on CPU, fractional `decode_cpus` per task
+                                                                   rows: image uint8 (3, H, W), label
       -> per Train worker: iter_batches(get_dataset_shard(...)) -> normalised float on the worker's device.
 Corrupt records leave the decode step with label -1; `iter_batches` drops and counts them (`.num_corrupt`).
 """
@@ -49,32 +50,41 @@ def ray_system_config(cfg: DataConfig, num_cpus: float, train_workers: int = 0) 
     return {"num_workers_soft_limit": int(max(num_cpus, decode_tasks + train_workers + 2))}
 
 
-def read_shards(uris: list[str], *, shuffle_files: bool = False) -> ray.data.Dataset:
-    """Raw rows {"image": JPEG bytes, "label": int64} of Parquet shards on one filesystem (local or S3).
+def read_shards(
+    uris: list[str], rows: int, cfg: DataConfig, *, shuffle_files: bool = False, limit: int | None = None
+) -> ray.data.Dataset:
+    """Raw rows {"image": JPEG bytes, "label": int64} of Parquet shards holding `rows` rows on one filesystem.
 
-    Uses Ray's file-based Parquet reader (one read task per shard): the footer-indexing V2 reader starts an actor
-    pool on every execution (each epoch), ~10 s on a small node, for no gain with our few large files.
+    One read task per shard, its output cut into blocks of about `cfg.decode_batch_size` rows, so one decode task
+    takes one block and a few shards still feed many parallel decode tasks. Ray's default cut (~200 blocks per
+    dataset) made 20-row blocks and halved throughput; a separate repartition step cost a third. Read tasks reserve
+    `cfg.decode_cpus` like the decode tasks. Uses Ray's file-based Parquet reader: the footer-indexing V2 reader
+    starts an actor pool on every execution (each epoch), ~10 s on a small node, for no gain with our few large files.
     """
     if not uris:
         raise ValueError("no shards to read")
     fs, _ = storage.filesystem_for(uris[0])
     paths = [storage.filesystem_for(u)[1] for u in uris]
+    rows = min(rows, limit) if limit is not None else rows
     ctx = ray.data.DataContext.get_current()
     use_v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
     try:
-        return ray.data.read_parquet(
-            paths, filesystem=fs, columns=COLUMNS, file_extensions=None, shuffle="files" if shuffle_files else None
+        ds = ray.data.read_parquet(
+            paths,
+            filesystem=fs,
+            columns=COLUMNS,
+            file_extensions=None,
+            shuffle="files" if shuffle_files else None,
+            override_num_blocks=max(len(paths), math.ceil(rows / cfg.decode_batch_size)),
+            num_cpus=cfg.decode_cpus,
         )
     finally:
         ctx.use_datasource_v2 = use_v2
+    return ds if limit is None else ds.limit(limit)
 
 
 def decoded(ds: ray.data.Dataset, cfg: DataConfig, mode: Mode, seed: int | None = None) -> ray.data.Dataset:
-    """Decode + augment on CPU: rows become {"image": uint8 (3, S, S), "label": int64} (label -1: corrupt).
-
-    Blocks are first cut (streaming) into `decode_batch_size` rows so one shard feeds many parallel decode tasks.
-    """
-    ds = ds.repartition(target_num_rows_per_block=cfg.decode_batch_size)
+    """Decode + augment on CPU: rows become {"image": uint8 (3, S, S), "label": int64} (label -1: corrupt)."""
     return ds.map_batches(
         BatchTransform(cfg, mode, seed),
         batch_size=cfg.decode_batch_size,
@@ -84,24 +94,23 @@ def decoded(ds: ray.data.Dataset, cfg: DataConfig, mode: Mode, seed: int | None 
     )
 
 
-def _limited(ds: ray.data.Dataset, n: int | None) -> ray.data.Dataset:
-    return ds if n is None else ds.limit(n)
-
-
-def _first_shards(manifest: Manifest, split: str, rows: int | None) -> list[str]:
-    """URIs of the fewest leading shards of `split` holding `rows` rows (all shards for None).
+def _first_shards(manifest: Manifest, split: str, rows: int | None) -> tuple[list[str], int]:
+    """(URIs, total rows) of the fewest leading shards of `split` holding `rows` rows (all shards for None).
 
     Ingest shuffles images across shards, so the first rows are a random, fixed subset of the split.
     """
-    uris = manifest.shard_uris(split)
-    if rows is None:
-        return uris
+    uris, shards = manifest.shard_uris(split), manifest.shards[split]
     total = 0
-    for i, shard in enumerate(manifest.shards[split]):
+    for i, shard in enumerate(shards):
         total += shard.rows
-        if total >= rows:
-            return uris[: i + 1]
-    return uris
+        if rows is not None and total >= rows:
+            return uris[: i + 1], total
+    return uris, total
+
+
+def _read_split(manifest: Manifest, split: str, cfg: DataConfig, limit: int | None, shuffle: bool) -> ray.data.Dataset:
+    uris, rows = _first_shards(manifest, split, limit)
+    return read_shards(uris, rows, cfg, shuffle_files=shuffle, limit=limit)
 
 
 def build_datasets(cfg: DataConfig, task: str, manifest: Manifest | None = None) -> dict[str, ray.data.Dataset]:
@@ -117,15 +126,13 @@ def build_datasets(cfg: DataConfig, task: str, manifest: Manifest | None = None)
     manifest = manifest or read_manifest(cfg.data_path, attempts=cfg.io_retries)
     # Ray Data's per-operator bars flood job logs; the training loop prints one progress line every N steps.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    val = read_shards(_first_shards(manifest, cfg.val_split, cfg.max_val_samples))
-    train = read_shards(_first_shards(manifest, cfg.train_split, cfg.max_train_samples), shuffle_files=True)
     out = {
-        "train": decoded(_limited(train, cfg.max_train_samples), cfg, task),  # type: ignore[arg-type]
-        "val": decoded(_limited(val, cfg.max_val_samples), cfg, "eval"),
+        "train": decoded(_read_split(manifest, cfg.train_split, cfg, cfg.max_train_samples, True), cfg, task),
+        "val": decoded(_read_split(manifest, cfg.val_split, cfg, cfg.max_val_samples, False), cfg, "eval"),
     }
     if task == "pretrain":
-        probe = read_shards(_first_shards(manifest, cfg.train_split, cfg.max_val_samples))
-        out["probe"] = decoded(_limited(probe, cfg.max_val_samples), cfg, "eval")
+        probe = _read_split(manifest, cfg.train_split, cfg, cfg.max_val_samples, False)
+        out["probe"] = decoded(probe, cfg, "eval")
     return out
 
 

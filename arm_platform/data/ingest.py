@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 """torchvision ImageFolder's extensions; other files are ignored (not counted as unreadable)."""
 SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("class_name", pa.string()), ("key", pa.string())])
+DICTIONARY_COLUMNS = ["label", "class_name"]
+"""Columns with few distinct values; the rest are written plain."""
 MAX_SKIPPED_KEYS = 100
 """Keys of unreadable images kept per shard in the manifest (the count is always exact)."""
 
@@ -256,7 +258,8 @@ def build_shard(task: ShardTask) -> tuple[ShardInfo, bool]:
         columns["class_name"].append(task.classes[item.label])
         columns["key"].append(item.key)
     buf = io.BytesIO()
-    pq.write_table(pa.table(columns, schema=SCHEMA), buf, compression="none")
+    # JPEG bytes are already compressed and unique: no codec, no dictionary (dictionary-encoded blobs read ~7x slower).
+    pq.write_table(pa.table(columns, schema=SCHEMA), buf, compression="none", use_dictionary=DICTIONARY_COLUMNS)
     data = buf.getvalue()
     storage.write_bytes_atomic(storage.join(task.output, task.path), data)
     info = ShardInfo(

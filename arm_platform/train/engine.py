@@ -135,7 +135,7 @@ def evaluate(
                 nn.functional.cross_entropy(logits, labels, reduction="sum"),
             ]
         ).double()
-    if distributed and dist.is_available() and dist.is_initialized():
+    if distributed and _is_distributed():
         dist.all_reduce(totals)
     count = max(totals[2].item(), 1.0)
     return {
@@ -144,3 +144,16 @@ def evaluate(
         "loss": totals[3].item() / count,
         "count": int(totals[2].item()),
     }
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def sum_over_workers(value: float, device: torch.device) -> float:
+    """`value` summed over all workers of the process group (itself when not distributed); a collective call."""
+    if not _is_distributed():
+        return float(value)
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.item()

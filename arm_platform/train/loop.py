@@ -30,7 +30,7 @@ from arm_platform.data.datasets import iter_batches
 from arm_platform.models import build_model
 from arm_platform.tracking import NullTracker, build_tracker
 from arm_platform.train.checkpoint import load_checkpoint, load_pretrained_weights, save_checkpoint
-from arm_platform.train.engine import evaluate, train_one_epoch
+from arm_platform.train.engine import evaluate, sum_over_workers, train_one_epoch
 from arm_platform.train.knn import extract_features, knn_accuracy
 from arm_platform.train.optim import build_optimizer
 from arm_platform.train.schedule import Schedule, build_schedule
@@ -292,7 +292,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "epoch": epoch + 1,
                 "step": step,
                 "img_per_s": stats["img_per_s"],
-                "corrupt_records": float(batches.num_corrupt),  # this worker's undecodable records, this epoch
+                "corrupt_records": sum_over_workers(batches.num_corrupt, run.device),  # all workers, this epoch
             } | run.evaluate_epoch(epoch + 1)
             run.tracker.log_metrics(
                 {

@@ -1,7 +1,9 @@
 """Ray Data pipeline end to end on a local 2-CPU Ray: local and S3 (moto) shards, labels kept with their pixels,
 corrupt records dropped and counted. One Ray cluster for the module; few, small datasets."""
 
+import dataclasses
 import io
+import math
 import os
 
 import numpy as np
@@ -69,6 +71,19 @@ def test_local_pretrain_datasets_keep_labels_with_pixels(ray_cluster, local_shar
     ]
     _, probe_labels, _ = _drain(dss["probe"])
     assert len(probe_labels) == 40
+
+
+def test_shards_are_read_in_decode_sized_blocks(ray_cluster, local_shards):
+    """Each shard's rows are cut into ~decode_batch_size blocks (one decode task each), not Ray's tiny default ones."""
+    from arm_platform.data import datasets
+
+    out, counts, manifest = local_shards
+    uris = manifest.shard_uris("train")
+    cfg = dataclasses.replace(_cfg(out), decode_batch_size=40)
+    blocks = datasets.read_shards(uris, counts["train"], cfg).materialize().num_blocks()
+    assert len(uris) < math.ceil(counts["train"] / 40) <= blocks <= 2 * math.ceil(counts["train"] / 40)
+    limited = datasets.read_shards(uris, counts["train"], cfg, limit=50)
+    assert limited.count() == 50
 
 
 def test_s3_round_trip_through_ray_data(ray_cluster, s3_bucket, image_folder):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from timm.utils import ModelEmaV3
 
-from arm_platform.train.engine import evaluate, train_one_epoch
+from arm_platform.train.engine import evaluate, sum_over_workers, train_one_epoch
 from arm_platform.train.optim import build_optimizer
 from arm_platform.train.schedule import Schedule
 from arm_platform.train.tasks import build_task
@@ -80,3 +80,21 @@ def test_evaluate_counts_top1_and_top5():
     batch = {"image": torch.zeros(4, 3, 2, 2), "label": torch.tensor([0, 3, 4, 9])}
     stats = evaluate(Fixed(), [batch], precision="fp32")
     assert stats["acc1"] == pytest.approx(25.0) and stats["acc5"] == pytest.approx(75.0) and stats["count"] == 4
+
+
+def _sum_worker(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        total = sum_over_workers(rank + 1, torch.device("cpu"))  # e.g. corrupt records seen by this worker
+        torch.save(torch.tensor(total), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sum_over_workers_adds_every_rank_and_is_identity_alone(tmp_path):
+    assert sum_over_workers(3, torch.device("cpu")) == 3.0
+    out = str(tmp_path / "total")
+    torch.multiprocessing.spawn(_sum_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", out), nprocs=2)
+    assert [torch.load(f"{out}.{r}", weights_only=True).item() for r in range(2)] == [3.0, 3.0]
