@@ -197,8 +197,9 @@ def size_of(model_name: str) -> str:
     raise ValueError(f"unknown model {model_name!r}; valid models: {', '.join(valid)} (and each + '_pretrain')")
 
 
-# Tune search spaces as data: dotted TrainConfig key -> (sampler, *args); `sweep.build_param_space` turns them into
-# ray.tune samplers ("loguniform"/"uniform": low, high; "choice"/"grid": values; "randint": low, high-exclusive).
+# Tune search spaces as data: dotted TrainConfig key -> (sampler, *args); `search_space.build_param_space` turns
+# them into ray.tune samplers ("loguniform"/"uniform": low, high; "choice"/"grid": values; "randint": low,
+# high-exclusive).
 # Centred on the official finetune values (blr 5e-4, layer_decay 0.65-0.75, drop_path 0.1-0.3, mixup 0.8, cutmix 1.0).
 SEARCH_SPACES: dict[str, dict[str, tuple]] = {
     "finetune": {

@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -230,6 +231,7 @@ def main() -> None:
     ray.shutdown()
     if server is not None:
         server.stop()
+    shutil.rmtree(work, ignore_errors=True)
 
     base = statistics.median(rates["torchvision ImageFolder+DataLoader"])
     print(

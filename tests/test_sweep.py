@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 from ray import tune as ray_tune
 
-from arm_platform import recipes, sweep
+from arm_platform import recipes, search_space, sweep
 from arm_platform.config import apply_overrides
 
 # A finetune_tiny that trains in seconds: 2-block 32-wide model, 64 images, one worker.
@@ -18,29 +18,33 @@ TINY_FINETUNE = [
 
 
 def test_search_space_specs_become_tune_samplers():
-    space = sweep.build_param_space(recipes.SEARCH_SPACES["finetune"], recipes.get("finetune_base"))
+    space = search_space.build_param_space(recipes.SEARCH_SPACES["finetune"], recipes.get("finetune_base"))
     assert set(space) == set(recipes.SEARCH_SPACES["finetune"])
     blr = space["optim.blr"]
     assert isinstance(blr, ray_tune.search.sample.Float) and (blr.lower, blr.upper) == (1e-4, 2e-3)
     assert isinstance(blr.get_sampler(), ray_tune.search.sample.Float._LogUniform)
     assert space["data.mixup"].categories == [0.0, 0.2, 0.8]
-    assert sweep.build_param_space({"optim.epochs": 3})["optim.epochs"] == 3
-    assert sweep.build_param_space({"data.cutmix": ("grid", [0.0, 1.0])})["data.cutmix"] == {"grid_search": [0.0, 1.0]}
+    assert search_space.build_param_space({"optim.epochs": 3})["optim.epochs"] == 3
+    assert search_space.build_param_space({"data.cutmix": ("grid", [0.0, 1.0])})["data.cutmix"] == {
+        "grid_search": [0.0, 1.0]
+    }
 
 
 def test_bad_search_space_entries_raise_value_error():
     base = recipes.get("finetune_tiny")
     with pytest.raises(ValueError, match="unknown sampler 'lognormal'"):
-        sweep.build_param_space({"optim.blr": ("lognormal", 1e-4, 1e-3)}, base)
+        search_space.build_param_space({"optim.blr": ("lognormal", 1e-4, 1e-3)}, base)
     with pytest.raises(ValueError, match="unknown config key 'optim.blrr'.*did you mean 'blr'"):
-        sweep.build_param_space({"optim.blrr": ("uniform", 1e-4, 1e-3)}, base)
+        search_space.build_param_space({"optim.blrr": ("uniform", 1e-4, 1e-3)}, base)
 
 
 def test_cli_space_edits_parse_samplers_and_fixed_values():
-    parsed = sweep.parse_space_args(["optim.blr=loguniform:1e-4:2e-3", "data.mixup=choice:0,0.8", "optim.epochs=5"])
+    parsed = search_space.parse_space_args(
+        ["optim.blr=loguniform:1e-4:2e-3", "data.mixup=choice:0,0.8", "optim.epochs=5"]
+    )
     assert parsed == {"optim.blr": ("loguniform", 1e-4, 2e-3), "data.mixup": ("choice", [0, 0.8]), "optim.epochs": 5}
     with pytest.raises(ValueError, match="not key=sampler:args"):
-        sweep.parse_space_args(["optim.blr"])
+        search_space.parse_space_args(["optim.blr"])
 
 
 def test_trial_resources_and_concurrency_from_cluster_size():
