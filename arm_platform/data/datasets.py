@@ -184,7 +184,8 @@ class BatchIterable:
             x = normalize(images, self.device)
             if erase is not None:
                 x = erase(x)
-            yield {"image": x, "label": labels.to(self.device, non_blocking=True)}
+            # Ray hands out read-only object-store memory: images become a new float tensor, labels get copied.
+            yield {"image": x, "label": labels.to(self.device, non_blocking=True, copy=True)}
 
 
 def iter_batches(
