@@ -10,7 +10,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -111,39 +111,45 @@ def _optimizer_step(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], *, precision: str = "bf16", distributed: bool = False
-) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (percent) and mean cross-entropy of `model` on labelled batches.
+    models: Mapping[str, nn.Module],
+    batches: Iterable[dict[str, torch.Tensor]],
+    *,
+    precision: str = "bf16",
+    distributed: bool = False,
+) -> dict[str, dict[str, float]]:
+    """{name: top-1 / top-5 accuracy (percent), mean cross-entropy, count} of each model on the same labelled batches.
 
-    With `distributed`, counts are summed over all ranks (each rank saw a disjoint shard: official --dist_eval).
+    One pass over the data serves all models (e.g. the model and its EMA: the val set is decoded once). With
+    `distributed`, counts are summed over all ranks (each rank saw a disjoint shard: official --dist_eval).
     """
-    model.eval()
-    device = next(model.parameters()).device
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, count, loss_sum
+    names = list(models)
+    for model in models.values():
+        model.eval()
+    device = next(models[names[0]].parameters()).device
+    totals = torch.zeros(len(names), 4, dtype=torch.float64, device=device)  # correct1, correct5, count, loss_sum
     for batch in batches:
-        with autocast(device, precision):
-            logits = model(batch["image"])
-        logits, labels = logits.float(), batch["label"]
-        k = min(5, logits.shape[1])
-        topk = logits.topk(k, dim=1).indices
-        hits = topk.eq(labels[:, None])
-        totals += torch.stack(
-            [
-                hits[:, 0].sum(),
-                hits.any(dim=1).sum(),
-                torch.tensor(labels.numel(), device=device),
-                nn.functional.cross_entropy(logits, labels, reduction="sum"),
-            ]
-        ).double()
+        for i, name in enumerate(names):
+            with autocast(device, precision):
+                logits = models[name](batch["image"])
+            totals[i] += _batch_totals(logits.float(), batch["label"])
     if distributed and _is_distributed():
         dist.all_reduce(totals)
-    count = max(totals[2].item(), 1.0)
-    return {
-        "acc1": 100 * totals[0].item() / count,
-        "acc5": 100 * totals[1].item() / count,
-        "loss": totals[3].item() / count,
-        "count": int(totals[2].item()),
-    }
+    return {name: _accuracy(row) for name, row in zip(names, totals.tolist(), strict=True)}
+
+
+def _batch_totals(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(4,) float64: top-1 hits, top-5 hits, count and summed cross-entropy of (B, classes) logits."""
+    topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hits = topk.eq(labels[:, None])
+    loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
+    count = torch.tensor(labels.numel(), device=logits.device)
+    return torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), count, loss]).double()
+
+
+def _accuracy(totals: list[float]) -> dict[str, float]:
+    correct1, correct5, count, loss_sum = totals
+    n = max(count, 1.0)
+    return {"acc1": 100 * correct1 / n, "acc5": 100 * correct5 / n, "loss": loss_sum / n, "count": int(count)}
 
 
 def _is_distributed() -> bool:

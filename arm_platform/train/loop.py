@@ -201,12 +201,9 @@ class _Run:
         dist_eval = self.cfg.data.dist_eval and self.world > 1
         if not dist_eval and self.rank != 0:
             return {}
-        out = {}
         models = {"val": unwrap(self.model)} | ({"val_ema": self.ema.module} if self.ema is not None else {})
-        for prefix, model in models.items():
-            stats = evaluate(model, self._val_batches(), precision=self.cfg.precision, distributed=dist_eval)
-            out |= {f"{prefix}_acc1": stats["acc1"], f"{prefix}_acc5": stats["acc5"], f"{prefix}_loss": stats["loss"]}
-        return out
+        results = evaluate(models, self._val_batches(), precision=self.cfg.precision, distributed=dist_eval)
+        return {f"{prefix}_{k}": stats[k] for prefix, stats in results.items() for k in ("acc1", "acc5", "loss")}
 
     def _knn_probe(self) -> dict[str, float]:
         model = unwrap(self.model)

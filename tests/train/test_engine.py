@@ -77,9 +77,24 @@ def test_evaluate_counts_top1_and_top5():
         def forward(self, x):  # class scores 0..9 descending from class 0, independent of the input
             return torch.arange(10, 0, -1).float().expand(x.shape[0], 10)
 
+    class Reversed(Fixed):
+        def forward(self, x):  # class 9 first
+            return -super().forward(x)
+
     batch = {"image": torch.zeros(4, 3, 2, 2), "label": torch.tensor([0, 3, 4, 9])}
-    stats = evaluate(Fixed(), [batch], precision="fp32")
-    assert stats["acc1"] == pytest.approx(25.0) and stats["acc5"] == pytest.approx(75.0) and stats["count"] == 4
+    passes = []
+
+    def val_batches():  # a generator: a second pass over it would see no batches
+        passes.append(1)
+        yield batch
+
+    stats = evaluate({"model": Fixed(), "ema": Reversed()}, val_batches(), precision="fp32")
+    assert len(passes) == 1  # both models scored in one pass over the data
+    assert stats["model"]["acc1"] == pytest.approx(25.0) and stats["model"]["acc5"] == pytest.approx(75.0)
+    assert stats["ema"]["acc1"] == pytest.approx(25.0) and stats["ema"]["acc5"] == pytest.approx(25.0)  # top-5: 9..5
+    assert stats["model"]["count"] == stats["ema"]["count"] == 4
+    expected_loss = torch.nn.functional.cross_entropy(Fixed()(batch["image"]), batch["label"]).item()
+    assert stats["model"]["loss"] == pytest.approx(expected_loss)
 
 
 def _sum_worker(rank: int, world: int, init: str, out: str) -> None:
