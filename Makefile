@@ -14,5 +14,7 @@ test-gpu: install
 	$(PY) -m pytest -m gpu -q
 bench: install
 	$(PY) benchmarks/scan.py && $(PY) benchmarks/data.py && $(PY) benchmarks/train_step.py
+gpu-check:  # on a GPU machine, no venv or network needed (carry .whl/): build kernels, parity tests, CUDA benchmarks
+	$$([ -x $(PY) ] && echo $(PY) || echo python3) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
-.PHONY: install demo test lint test-gpu bench
+.PHONY: install demo test lint test-gpu bench gpu-check

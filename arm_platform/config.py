@@ -15,6 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+from arm_platform.security import validate_name
+
 TASKS = ("pretrain", "finetune")
 
 
@@ -127,8 +129,10 @@ class DataConfig:
     auto_augment: str | None = None
     """timm RandAugment spec for finetuning, e.g. "rand-m9-mstd0.5-inc1"."""
     reprob: float = 0.0
-    eval_resize: int = 256
-    """Eval resize (both sides, as the official finetune code) before the center crop of input_size."""
+    eval_resize: int | None = None
+    """Eval resize (both sides, as the official finetune code) before the center crop of input_size. None (every
+    recipe): derived from input_size by `recipes.eval_resize_for` (224 -> 256, 192 -> 219, 32 -> 37), so an
+    input_size override moves it too; read the value in use from `effective_eval_resize`."""
     mixup: float = 0.0
     cutmix: float = 0.0
     mixup_prob: float = 1.0
@@ -144,6 +148,14 @@ class DataConfig:
     """Rows per Ray Data read block and decode/augment task (smaller: more parallel tasks, more overhead)."""
     io_retries: int = 3
     """Attempts for storage checks / reads (missing shard, unreachable bucket) before a clear error."""
+    verify_checksums: bool | None = None
+    """Pre-flight check: also compare every shard's sha256 with the manifest (size and Parquet footer are always
+    checked). None: only when the checked shards total at most 1 GiB (`manifest.VERIFY_AUTO_MAX_BYTES`), so demo
+    and small sets are hashed and huge remote sets are not; True / False force it."""
+    stall_warn_s: float = 60.0
+    """Training: log a warning naming the data source each time no batch has arrived for this many seconds."""
+    stall_timeout_s: float = 1800.0
+    """Training: fail with a clear error when no batch has arrived for this long (0 waits forever)."""
     shard_size_mb: float = 256.0
     """Ingest (`jobs/prepare_data.py`): target Parquet shard size."""
     num_parallel: int | None = None
@@ -157,14 +169,25 @@ class DataConfig:
         _require(0.0 < self.min_crop_scale <= 1.0, f"min_crop_scale must be in (0, 1], got {self.min_crop_scale}")
         _require(0.0 <= self.reprob <= 1.0, f"reprob must be in [0, 1], got {self.reprob}")
         _require(
-            self.eval_resize >= self.input_size,
+            self.eval_resize is None or self.eval_resize >= self.input_size,
             f"eval_resize {self.eval_resize} must be >= input_size {self.input_size}",
         )
         _require(self.mixup >= 0 and self.cutmix >= 0, "mixup / cutmix alphas must be >= 0")
+        _require(self.stall_warn_s > 0, f"stall_warn_s must be > 0, got {self.stall_warn_s}")
+        _require(self.stall_timeout_s >= 0, f"stall_timeout_s must be >= 0, got {self.stall_timeout_s}")
 
     @property
     def uses_mixup(self) -> bool:
         return self.mixup > 0 or self.cutmix > 0
+
+    @property
+    def effective_eval_resize(self) -> int:
+        """Eval resize in use: `eval_resize` when set, else the official rule of `recipes.eval_resize_for`."""
+        if self.eval_resize is not None:
+            return self.eval_resize
+        from arm_platform.recipes import eval_resize_for  # the one rule; recipes imports this module
+
+        return eval_resize_for(self.input_size)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -256,12 +279,25 @@ class TrackingConfig:
     vis_every_n_epochs: int = 1
     """Pretraining: log a predicted-vs-true next-cluster image grid every N epochs (0 disables)."""
     probe_every_n_epochs: int = 1
-    """Pretraining: kNN accuracy on held-out labelled images every N epochs (0 disables)."""
+    """Pretraining: kNN + linear-probe accuracy on held-out labelled images every N epochs (0 disables)."""
     system_metrics: bool = True
     knn_k: int = 20
     """kNN probe: neighbours voting per query (DINO weighted kNN)."""
     knn_temperature: float = 0.07
     """kNN probe: softmax temperature of the cosine-similarity vote weights."""
+    linear_probe_l2: float = 1e-3
+    """Linear probe: L2 penalty (l2 / 2 * |W|^2 on the mean cross-entropy; sklearn's C=1 at 1,000 images)."""
+    linear_probe_max_iter: int = 100
+    """Linear probe: full-batch L-BFGS iterations (strong-Wolfe line search) of the logistic regression."""
+    random_init_baseline: bool = True
+    """Pretraining: at the first probe, also probe this run's own random-init encoder and log the constant-predictor
+    loss (metrics *_random_init, loss_constant_baseline); warn whenever the trained probe does not beat it."""
+
+    def __post_init__(self) -> None:
+        _require(self.linear_probe_l2 >= 0, f"linear_probe_l2 must be >= 0, got {self.linear_probe_l2}")
+        _require(self.linear_probe_max_iter >= 1, f"linear_probe_max_iter must be >= 1, got {self.linear_probe_max_iter}")
+        if self.experiment_name is not None:  # an MLflow name, never a storage path: "/Users/me/x" is allowed
+            validate_name(self.experiment_name, "tracking.experiment_name", allow_slash=True)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -290,6 +326,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(self.task in TASKS, f"task must be one of {TASKS}, got {self.task!r}")
         _require(self.precision in ("bf16", "fp32"), f"precision must be bf16 or fp32, got {self.precision!r}")
+        if self.experiment_name is not None:  # the run folder <storage_path>/<experiment_name>
+            validate_name(self.experiment_name, "experiment_name")
         _require(
             self.data.input_size == self.model.img_size,
             f"data.input_size {self.data.input_size} != model.img_size {self.model.img_size} "

@@ -5,12 +5,11 @@ finetune checkpoint BEFORE Ray starts (ValueError naming the problem), derives a
 (`<recipe>-<config hash>` unless `experiment_name` is set), joins or starts Ray and fits. Re-running the same
 experiment resumes from its latest checkpoint (Ray Train V2 restores the run's checkpoint manager from storage);
 re-running a finished one returns its stored Result without starting Ray; a different config under an existing
-run name raises ValueError. `demo()` is the README flow: tiny pretrain on Fashion-MNIST, then finetune vs scratch.
+run name raises ValueError.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -20,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from arm_platform import cli, recipes, storage
-from arm_platform.config import TrainConfig, apply_overrides
+from arm_platform.config import TrainConfig
 from arm_platform.data.manifest import Manifest, check_data_path
+from arm_platform.security import install_log_redaction, redact, redact_text
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,9 @@ _HASH_EXCLUDE = (
     "checkpoint.max_failures",
     "cluster.cpus_per_worker",
     "data.decode_cpus",
+    "data.stall_warn_s",
+    "data.stall_timeout_s",
+    "data.verify_checksums",
 )
 
 
@@ -137,7 +140,7 @@ def write_run_record(plan: Plan, finished: bool) -> None:
         "total_steps": plan.total_steps,
         "finished": finished,
         "recipe": plan.cfg.recipe,
-        "config": plan.cfg.to_dict(),
+        "config": redact(plan.cfg.to_dict()),
     }
     storage.write_bytes_atomic(storage.join(plan.run_uri, RUN_FILE), json.dumps(record, indent=2).encode())
 
@@ -146,7 +149,7 @@ def write_run_record(plan: Plan, finished: bool) -> None:
 def loop_config(plan: Plan, tracking_uri: str | None) -> dict[str, Any]:
     """The dict `train.loop.train_loop_per_worker` receives."""
     from arm_platform.tracking import default_artifact_location
-    from arm_platform.train.loop import FAULT_ENV
+    from arm_platform.train.loop import FAULT_ENV, HOLD_ENV
 
     local_artifacts = default_artifact_location(plan.storage_path)
     return {
@@ -157,6 +160,7 @@ def loop_config(plan: Plan, tracking_uri: str | None) -> dict[str, Any]:
         "tracking_uri": tracking_uri,
         "artifact_location": local_artifacts if tracking_uri and tracking_uri.startswith("sqlite:") else None,
         "fault": os.environ.get(FAULT_ENV),
+        "hold": os.environ.get(HOLD_ENV),
     }
 
 
@@ -174,9 +178,16 @@ def init_ray() -> None:
 
 
 def build_trainer(  # noqa: ANN201 (ray type)
-    plan: Plan, tracking_uri: str | None, name: str | None = None, callbacks: list | None = None
+    plan: Plan,
+    tracking_uri: str | None,
+    name: str | None = None,
+    callbacks: list | None = None,
+    resume_from: str = "",
 ):
-    """TorchTrainer for a validated plan (also used by `tune`, with a trial-specific `name` and Tune callbacks)."""
+    """TorchTrainer for a validated plan (also used by `tune`, with a trial-specific `name` and Tune callbacks).
+
+    `resume_from`: official --resume, a checkpoint folder the run starts from while it has no checkpoint of its own.
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -212,7 +223,7 @@ def build_trainer(  # noqa: ANN201 (ray type)
     )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(plan, tracking_uri),
+        train_loop_config=loop_config(plan, tracking_uri) | {"resume_from": resume_from},
         scaling_config=scaling,
         run_config=run_config,
         datasets=datasets,
@@ -220,84 +231,92 @@ def build_trainer(  # noqa: ANN201 (ray type)
     )
 
 
-def prepare(cfg: TrainConfig, overrides: list[str] | tuple[str, ...] = ()) -> tuple[TrainConfig, bool]:
-    """Apply CLI flags / overrides; (cfg, dry_run)."""
-    return cli.apply_cli(cfg, list(overrides))
+def prepare(cfg: TrainConfig, overrides: list[str] | tuple[str, ...] = ()) -> tuple[TrainConfig, cli.RunIntent]:
+    """Apply CLI flags / overrides; (cfg, what the command asks: dry run, official --resume / --eval)."""
+    return cli.resolve(cfg, list(overrides))
+
+
+def check_resume(path: str) -> str:
+    """Official --resume: `path` when it is a verified run checkpoint folder (local or s3://), else ValueError."""
+    if not path:
+        return ""
+    from arm_platform.train.integrity import CheckpointError, verify_checkpoint
+
+    try:
+        verify_checkpoint(path, deep=False)
+    except CheckpointError as err:
+        raise ValueError(
+            f"--resume {path}: not a usable run checkpoint ({err}); pass <output_dir>/<run>/checkpoint_<step>"
+        ) from err
+    return path
 
 
 def fit(cfg: TrainConfig, overrides: list[str] | tuple[str, ...] = ()):  # noqa: ANN201 (ray.train.Result)
     """Validate, then train on Ray Train; returns the ray.train.Result (None for --dry-run).
 
-    A finished run (record says finished, same config) returns its stored Result without starting Ray.
+    Before Ray starts: checkpoints of an existing run that do not verify are quarantined (`integrity.repair_run`), so
+    the run resumes from its newest verified checkpoint. A finished run (record says finished, same config, final
+    checkpoint intact) returns its stored Result without starting Ray.
     """
-    import ray.train
 
     from arm_platform.tracking import default_tracking_uri
+    from arm_platform.train.integrity import repair_run
 
-    cfg, dry_run = prepare(cfg, overrides)
-    if dry_run:
+    install_log_redaction()
+    cfg, intent = prepare(cfg, overrides)
+    if intent.dry_run:
         cli.print_config(cfg)
         return None
+    if intent.eval_only:
+        from arm_platform.evaluate import evaluate_checkpoint
+
+        return evaluate_checkpoint(cfg, intent.resume)
     plan = validate(cfg)
-    record = check_run_folder(plan)
-    fs = storage.filesystem_for(plan.storage_path)[0] if storage.is_s3(plan.storage_path) else None
-    if record is not None and record.get("finished"):
-        log.info("run %s already finished at step %d; returning its result", plan.run_uri, record["total_steps"])
-        return ray.train.Result.from_path(plan.run_uri, storage_filesystem=fs)
-    write_run_record(plan, finished=False)
+    resume_from = check_resume(intent.resume)
+    if intent.start_epoch:
+        log.info("--start_epoch %d: the epoch stored in %s wins (as official)", intent.start_epoch, resume_from)
     tracking_uri = cfg.tracking.tracking_uri or default_tracking_uri(plan.storage_path)
+    record = check_run_folder(plan)
+    skipped = repair_run(plan.run_uri) if record is not None else []
+    if record is not None and record.get("finished") and not skipped:
+        log.info("run %s already finished at step %d; returning its result", plan.run_uri, record["total_steps"])
+        return stored_result(plan.run_uri)
+    write_run_record(plan, finished=False)
     log.info(
         "run %s: %d steps/epoch x %d epochs, lr %.3e, tracking %s",
         plan.run_uri,
         plan.steps_per_epoch,
         cfg.optim.epochs,
         cfg.optim.effective_lr(cfg.cluster.num_workers),
-        tracking_uri,
+        redact_text(tracking_uri),
     )
     init_ray()
-    result = build_trainer(plan, tracking_uri).fit()
+    result = build_trainer(plan, tracking_uri, resume_from=resume_from).fit()
     if result.metrics and result.metrics.get("step") == plan.total_steps:
         write_run_record(plan, finished=True)
+    sync_checkpoint_tags(plan.run_uri, plan.run_name, tracking_uri)
     return result
 
 
-# ------------------------------------------------------------------------------------------------ demo
-def _ensure_fashion_mnist(data_path: str) -> None:
-    if storage.exists(storage.join(data_path, "manifest.json")):
-        return
-    from arm_platform.data import fashion_mnist
+def stored_result(run_uri: str):  # noqa: ANN201 (ray.train.Result)
+    """The Result of a run folder (local path or s3:// URI) from Ray's run snapshot."""
+    import ray.train
 
-    log.info("writing Fashion-MNIST shards to %s", data_path)
-    fashion_mnist.prepare(data_path)
+    fs, path = storage.filesystem_for(run_uri)
+    return ray.train.Result.from_path(path, storage_filesystem=fs)
 
 
-def demo(overrides: list[str] | tuple[str, ...] = ()) -> dict[str, float]:
-    """README flow: pretrain the tiny model on Fashion-MNIST (CPU, minutes), finetune from its checkpoint and from
-    scratch with the same recipe; returns and logs both top-1 accuracies (plus the pretraining kNN accuracy)."""
-    pre_cfg, _ = prepare(recipes.get("pretrain_tiny"), overrides)
-    _ensure_fashion_mnist(pre_cfg.data.data_path)
-    pretrained = fit(pre_cfg)
-    checkpoint_uri = _checkpoint_uri(pretrained)
-    ft_cfg, _ = prepare(recipes.get("finetune_tiny"), [o for o in overrides if not o.startswith("model.")])
-    ft_cfg = dataclasses.replace(
-        ft_cfg,
-        storage_path=pre_cfg.storage_path,
-        data=dataclasses.replace(ft_cfg.data, data_path=pre_cfg.data.data_path),
-    )
-    scores = {"pretrain_knn_acc1": (pretrained.metrics or {}).get("knn_acc1", float("nan"))}
-    for label, init in (("from_pretrained", checkpoint_uri), ("from_scratch", "")):
-        result = fit(apply_overrides(ft_cfg, {"finetune": init}))
-        scores[f"{label}_acc1"] = result.metrics["val_acc1"]
-        scores[f"{label}_ema_acc1"] = result.metrics.get("val_ema_acc1", float("nan"))
-    log.info("demo: %s", scores)
-    return scores
+def sync_checkpoint_tags(run_uri: str, run_name: str, tracking_uri: str) -> None:
+    """After a fit: delete the MLflow `checkpoint.step_*` tags of checkpoints Ray pruned (num_to_keep)."""
+    import mlflow
 
+    from arm_platform.tracking import prune_checkpoint_tags, run_id_for
+    from arm_platform.train.integrity import list_checkpoints
 
-def _checkpoint_uri(result) -> str:  # noqa: ANN001 (ray.train.Result)
-    """URI of a Result's latest checkpoint (s3:// prefix restored for S3 storage)."""
-    path = result.checkpoint.path
-    fs = getattr(result.checkpoint, "filesystem", None)
-    return f"s3://{path}" if fs is not None and fs.type_name == "s3" else path
+    client = mlflow.MlflowClient(tracking_uri)
+    run_id = run_id_for(client, run_name)
+    if run_id is not None:
+        prune_checkpoint_tags(client, run_id, {found.uri for found in list_checkpoints(run_uri)})
 
 
 def recipe_for(task: str, argv: list[str] | tuple[str, ...], default_size: str = "base") -> TrainConfig:

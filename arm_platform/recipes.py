@@ -20,7 +20,8 @@ from arm_platform.config import (
 )
 
 EVAL_CROP_PCT = 224 / 256
-"""Official eval: resize to input / crop_pct, center-crop input."""
+"""Official eval: resize to input / crop_pct, center-crop input. Every recipe leaves `data.eval_resize` unset, so
+`DataConfig.effective_eval_resize` applies `eval_resize_for(input_size)`: 224 -> 256, 192 -> 219, 32 -> 37."""
 
 ARM_SIZES: dict[str, ModelConfig] = {
     # Ours (not in the ARM repo): a CPU demo size for 32 px images; geometry still exercises every code path.
@@ -72,7 +73,8 @@ FINETUNE_IMG_SIZE = 224
 
 
 def eval_resize_for(input_size: int) -> int:
-    """Official eval resize: input / crop_pct (224 -> 256); crop_pct 1 above 224 (384 -> 384)."""
+    """Official eval resize: round(input / crop_pct) (224 -> 256, 192 -> 219, 32 -> 37); crop_pct 1 above 224
+    (384 -> 384). The one rule for every recipe and for timm's pretrained_cfg (`models.factory`)."""
     return round(input_size / EVAL_CROP_PCT) if input_size <= 224 else input_size
 
 
@@ -144,7 +146,6 @@ def finetune(size: str) -> TrainConfig:
         min_crop_scale=0.08,
         auto_augment="rand-m9-mstd0.5-inc1",
         reprob=0.25,
-        eval_resize=eval_resize_for(img_size),
         mixup=0.8,
         cutmix=1.0,
         smoothing=0.1,

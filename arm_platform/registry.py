@@ -1,13 +1,19 @@
 """MLflow model registry: register a training checkpoint, pull it back, load it as a ready timm model.
 
-A registered version holds the checkpoint's `model.pt` (plain state_dict) and `config.json` (TrainConfig.to_dict())
-under the artifact path `model/<checkpoint dir name>` of its source MLflow run (or of a new registration run).
-Version tags name the recipe, the timm model, the metrics, the source run and the storage URI of the full checkpoint
-(with `state.pt`). Works with any MLflow tracking store: local sqlite, or `mlflow server` over HTTP with S3 artifacts.
+A registered version holds `model.pt` (a flat {name: tensor} state dict) and `config.json` (TrainConfig.to_dict())
+under the artifact path `model/<checkpoint dir name>-<weights>` of its source MLflow run (or of a new registration run).
+Its metrics describe exactly the weights in its model.pt: with EMA on, a checkpoint holds two sets (`model.pt` = EMA,
+`state.pt["model"]` = raw); registering exports the set whose val top-1 won (or the one asked for) and tags `weights`
+(raw | ema), `exported_acc1/acc5/loss` (that set's metrics), both sets' `val_*` / `val_ema_*` metrics and
+`model_sha256`. Registering the same checkpoint with the same exported weights again returns the existing version
+(aliases move to it). A checkpoint folder must verify against its manifest (`train.integrity`); a model.pt that is not
+a flat tensor state dict is refused at register, pull and load, naming the file or URI. Works with any MLflow
+tracking store: local sqlite, or `mlflow server` over HTTP with S3 artifacts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -18,6 +24,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Literal
 
 import mlflow
 import torch
@@ -40,6 +47,11 @@ REGISTRATION_EXPERIMENT = "model-registry"
 PROBE_TIMEOUT_S = 5.0
 METRIC_PREFIXES = ("val_", "knn_")
 """Run metrics copied to version tags when registering from a run (evaluation results, not loss / lr curves)."""
+WEIGHTS_TAG, SHA_TAG, EXPORTED = "weights", "model_sha256", "exported_"
+"""Version tags: which weights model.pt holds (raw | ema), its sha256, and `exported_acc1` etc. of those weights."""
+WEIGHT_METRICS = {"raw": "val_", "ema": "val_ema_"}
+"""Metric prefix of each set of weights in the Train loop's reports (val_acc1 / val_ema_acc1, ...)."""
+Weights = Literal["auto", "raw", "ema"]
 
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))?/?$")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -86,54 +98,199 @@ def register_checkpoint(
     metrics: Mapping[str, float] | None = None,
     run_id: str | None = None,
     tracking_uri: str | None = None,
+    weights: Weights = "auto",
 ) -> ModelVersion:
-    """Register a checkpoint as a new version of model `name` and point `aliases` at it.
+    """Register a checkpoint as a version of model `name` and point `aliases` at it (idempotent).
 
     Args:
-        source: checkpoint dir (local path or s3:// URI holding model.pt + config.json), or an MLflow run id whose
-            run carries a `checkpoint_uri` tag or already logged `model/model.pt`.
+        source: checkpoint dir (local path or s3:// URI holding model.pt + config.json + manifest.json, and state.pt
+            for raw weights when EMA is on), or an MLflow run id whose run carries a `checkpoint_uri` tag or already
+            logged `model/model.pt`.
         run_id: MLflow run the checkpoint came from (e.g. a Tune trial's run); the files are logged there.
             None with a dir `source`: a new run in experiment "model-registry".
-        metrics: recorded as version tags (e.g. {"val_acc1": 81.2}); with a run id, the run's latest val_* / knn_*
-            metrics are the default.
+        metrics: recorded as version tags (e.g. {"val_acc1": 81.2, "val_ema_acc1": 80.9}); None with a run id: the
+            run's latest val_* / knn_* metrics.
+        weights: "auto" exports the weights whose val top-1 in `metrics` is higher (EMA on a tie; the raw model when
+            only its metric is known; the checkpoint's model.pt when none is); "raw" / "ema" force one.
         tags: extra version tags.
     Returns:
-        The new ModelVersion (its `.version` is the number; `models:/NAME/<version>` loads it).
+        The ModelVersion (`.version` is the number; `models:/NAME/<version>` loads it). Registering the same source
+        checkpoint with the same exported model.pt again returns the existing version.
+    Raises:
+        CheckpointError (a ValueError): the checkpoint does not verify against its manifest (names the file).
+        ValueError: missing files, a model.pt that is not a flat tensor state dict, weights the checkpoint lacks.
     """
     client = connect(tracking_uri)
     if _RUN_ID.match(source) and not Path(source).exists():
         run_id, checkpoint_uri = source, _checkpoint_uri_of_run(client, source)
     else:
         checkpoint_uri = source
-    run_metrics = client.get_run(run_id).data.metrics if run_id else {}
-    run_metrics = {k: v for k, v in run_metrics.items() if k.startswith(METRIC_PREFIXES)}
+    if metrics is None:
+        run_metrics = client.get_run(run_id).data.metrics if run_id else {}
+        metrics = {k: v for k, v in run_metrics.items() if k.startswith(METRIC_PREFIXES)}
+    all_metrics = dict(metrics)
     with tempfile.TemporaryDirectory(prefix="arm-register-") as tmp:
-        if checkpoint_uri is not None:
-            _copy_checkpoint_files(checkpoint_uri, Path(tmp))
-        else:  # the run already holds the files
-            client.download_artifacts(run_id, ARTIFACT_PATH, tmp)
-            shutil.copytree(Path(tmp) / ARTIFACT_PATH, tmp, dirs_exist_ok=True)
-        cfg = _read_config(Path(tmp) / "config.json")
+        folder = Path(tmp)
+        cfg, chosen = _stage_files(client, checkpoint_uri, run_id, folder, all_metrics, weights)
+        sha = _sha256(folder / "model.pt")
+        found = _find_version(client, name, checkpoint_uri or "", run_id, sha)
+        if found is not None:
+            return _set_aliases(client, found, aliases, f"already registered as version {found.version}")
         if run_id is None:
             run_id = _create_registration_run(client, name, checkpoint_uri)
         artifact_path = ARTIFACT_PATH
-        if checkpoint_uri is not None:  # one folder per checkpoint: earlier versions of this run keep their files
-            artifact_path = f"{ARTIFACT_PATH}/{checkpoint_uri.rstrip('/').rsplit('/', 1)[-1]}"
-            _log_files(client, run_id, Path(tmp), artifact_path)
-    version_tags = _version_tags(cfg, checkpoint_uri, run_id, {**run_metrics, **(metrics or {})}, tags)
+        if checkpoint_uri is not None:  # one folder per checkpoint and weights: earlier versions keep their files
+            artifact_path = f"{ARTIFACT_PATH}/{checkpoint_uri.rstrip('/').rsplit('/', 1)[-1]}-{chosen}"
+            _log_files(client, run_id, folder, artifact_path)
+    version_tags = _version_tags(cfg, checkpoint_uri, run_id, all_metrics, tags)
+    version_tags |= {WEIGHTS_TAG: chosen, SHA_TAG: sha} | _exported_tags(all_metrics, chosen)
     _ensure_registered_model(client, name)
-    source_uri = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
     version = client.create_model_version(
         name,
-        source=source_uri,
+        source=f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}",
         run_id=run_id,
         tags=version_tags,
-        description=f"{cfg.recipe} checkpoint {checkpoint_uri or run_id}",
+        description=f"{cfg.recipe} checkpoint {checkpoint_uri or run_id} ({chosen} weights)",
     )
+    return _set_aliases(client, version, aliases, f"registered from {source} ({chosen} weights)")
+
+
+def _set_aliases(client: MlflowClient, version: ModelVersion, aliases: Iterable[str], what: str) -> ModelVersion:
+    aliases = list(aliases)
     for alias in aliases:
-        client.set_registered_model_alias(name, alias, version.version)
-    logger.info("registered %s version %s (aliases %s) from %s", name, version.version, list(aliases), source)
-    return client.get_model_version(name, version.version)
+        client.set_registered_model_alias(version.name, alias, version.version)
+    logger.info("%s version %s (aliases %s): %s", version.name, version.version, aliases, what)
+    return client.get_model_version(version.name, version.version)
+
+
+def _find_version(
+    client: MlflowClient, name: str, checkpoint_uri: str, run_id: str | None, sha: str
+) -> ModelVersion | None:
+    """The version of `name` already made from this checkpoint (or run) with this exact model.pt, if any."""
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        return None
+    for version in client.search_model_versions(f"name='{name}' and tags.{SHA_TAG} = '{sha}'"):
+        same_source = version.tags.get(CHECKPOINT_URI_TAG, "") == checkpoint_uri
+        if same_source and (checkpoint_uri or version.tags.get("source_run_id") == run_id):
+            return version
+    return None
+
+
+def _stage_files(
+    client: MlflowClient,
+    checkpoint_uri: str | None,
+    run_id: str | None,
+    folder: Path,
+    metrics: Mapping[str, float],
+    weights: Weights,
+) -> tuple[TrainConfig, str]:
+    """Put the version's config.json and model.pt (the chosen weights, checked) into `folder`; (config, weights)."""
+    if checkpoint_uri is None:  # the run already holds the files it logged itself
+        client.download_artifacts(run_id, ARTIFACT_PATH, str(folder))
+        shutil.copytree(folder / ARTIFACT_PATH, folder, dirs_exist_ok=True)
+        cfg = _read_config(folder / "config.json")
+        chosen = "ema" if cfg.optim.ema_decay else "raw"
+        if weights not in ("auto", chosen):
+            raise ValueError(f"run {run_id} logged {chosen} weights only; cannot export {weights} weights")
+    else:
+        from arm_platform.train.checkpoint import verify_checkpoint
+
+        manifest = verify_checkpoint(checkpoint_uri, deep=False)  # sizes; _fetch checks the sha256 of what it reads
+        for filename in CHECKPOINT_FILES:
+            _fetch(checkpoint_uri, filename, manifest, folder)
+        cfg = _read_config(folder / "config.json")
+        ema_on = bool(cfg.optim.ema_decay)
+        chosen = choose_weights(metrics, ema_on) if weights == "auto" else weights
+        if chosen == "ema" and not ema_on:
+            raise ValueError(f"checkpoint {checkpoint_uri} was trained without EMA (optim.ema_decay unset)")
+        if chosen == "raw" and ema_on:  # model.pt holds the EMA: the raw weights live in state.pt["model"]
+            _export_raw_weights(checkpoint_uri, manifest, folder)
+    check_state_dict(folder / "model.pt", f"model.pt of {checkpoint_uri or f'run {run_id}'}")
+    return cfg, chosen
+
+
+def choose_weights(metrics: Mapping[str, float], ema_on: bool) -> str:
+    """The weights to export, "raw" or "ema": higher val top-1 wins (EMA on a tie); with one metric known, its set."""
+    if not ema_on:
+        return "raw"
+    raw, ema = metrics.get("val_acc1"), metrics.get("val_ema_acc1")
+    if raw is not None and ema is not None:
+        return "ema" if float(ema) >= float(raw) else "raw"
+    return "raw" if raw is not None else "ema"
+
+
+def _exported_tags(metrics: Mapping[str, float], weights: str) -> dict[str, str]:
+    prefix = WEIGHT_METRICS[weights]
+    return {
+        f"{EXPORTED}{k}": f"{float(metrics[prefix + k]):.6g}" for k in ("acc1", "acc5", "loss") if prefix + k in metrics
+    }
+
+
+def _fetch(checkpoint_uri: str, filename: str, manifest: Mapping, dst: Path) -> Path:
+    """Stream one file of a checkpoint into `dst`, checking its sha256 against the manifest on the way."""
+    from arm_platform import storage
+    from arm_platform.train.checkpoint import CheckpointError
+
+    uri = storage.join(checkpoint_uri, filename)
+    expected = manifest["files"].get(filename)
+    if expected is None:
+        raise ValueError(f"checkpoint {checkpoint_uri} has no {filename} (its manifest.json does not list it)")
+    fs, fs_path = storage.filesystem_for(uri)
+    digest, path = hashlib.sha256(), dst / filename
+    with fs.open_input_stream(fs_path) as src, path.open("wb") as out:
+        while chunk := src.read(8 << 20):
+            digest.update(chunk)
+            out.write(chunk)
+    if digest.hexdigest() != expected["sha256"]:
+        raise CheckpointError(f"{uri} does not match its sha256 in manifest.json")
+    return path
+
+
+def _export_raw_weights(checkpoint_uri: str, manifest: Mapping, folder: Path) -> None:
+    """Replace folder/model.pt (the EMA copy) by the raw model weights of the checkpoint's state.pt."""
+    state_path = _fetch(checkpoint_uri, "state.pt", manifest, folder)
+    where = f"{checkpoint_uri.rstrip('/')}/state.pt"
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 (torch raises many types for bad pickles)
+        raise ValueError(f"{where} cannot be loaded with weights_only=True: {err}") from err
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise ValueError(f"{where} has no 'model' state dict (raw weights)")
+    _check_flat(state["model"], f"{where}['model']")
+    torch.save(state["model"], folder / "model.pt")
+    state_path.unlink()
+
+
+def check_state_dict(
+    path: str | os.PathLike, where: str, map_location: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Load `path` with weights_only=True; ValueError naming `where` unless it is a flat {str: Tensor} dict."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 (UnpicklingError, RuntimeError, EOFError, ...)
+        raise ValueError(f"{where} cannot be loaded with torch.load(weights_only=True): {err}") from err
+    return _check_flat(state, where)
+
+
+def _check_flat(state: object, where: str) -> dict[str, torch.Tensor]:
+    if not isinstance(state, dict) or not state:
+        raise ValueError(f"{where} is not a state dict: got {type(state).__name__}, expected {{name: Tensor}}")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"{where} is not a flat state dict: entry {key!r} holds {type(value).__name__}, expected a Tensor"
+            )
+    return state
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _log_files(client: MlflowClient, run_id: str, folder: Path, artifact_path: str) -> None:
@@ -156,17 +313,6 @@ def _checkpoint_uri_of_run(client: MlflowClient, run_id: str) -> str | None:
         f"run {run_id} has no {CHECKPOINT_URI_TAG!r} tag and no logged {ARTIFACT_PATH}/model.pt; "
         "pass the checkpoint directory instead"
     )
-
-
-def _copy_checkpoint_files(checkpoint_uri: str, dst: Path) -> None:
-    """Copy model.pt + config.json from a local or s3:// checkpoint dir into `dst`."""
-    from arm_platform import storage
-
-    for filename in CHECKPOINT_FILES:
-        uri = storage.join(checkpoint_uri, filename)
-        if not storage.exists(uri):
-            raise ValueError(f"checkpoint {checkpoint_uri} has no {filename} (expected {', '.join(CHECKPOINT_FILES)})")
-        (dst / filename).write_bytes(storage.read_bytes(uri))
 
 
 def _read_config(path: Path) -> TrainConfig:
@@ -269,7 +415,8 @@ def _get_registered_model(client: MlflowClient, name: str):
 def pull(model_uri: str, dst_dir: str | os.PathLike, tracking_uri: str | None = None) -> Path:
     """Download a registered version's model.pt + config.json into `dst_dir`; returns `dst_dir` as a Path.
 
-    Files land under a temporary name first and are renamed into place, so a reader never sees a partial file.
+    Files land under a temporary name first and are renamed into place, so a reader never sees a partial file; a
+    model.pt that is not a flat tensor state dict is refused (ValueError naming the model URI and version source).
     """
     version = resolve(model_uri, tracking_uri)
     dst = Path(dst_dir)
@@ -280,9 +427,11 @@ def pull(model_uri: str, dst_dir: str | os.PathLike, tracking_uri: str | None = 
                 artifact_uri=version.source, dst_path=tmp, tracking_uri=resolve_tracking_uri(tracking_uri)
             )
         )
+        where = f"{model_uri} (version {version.version}, {version.source})"
         missing = [f for f in CHECKPOINT_FILES if not (local / f).is_file()]
         if missing:
-            raise ValueError(f"{model_uri} (version {version.version}, {version.source}) lacks {missing}")
+            raise ValueError(f"{where} lacks {missing}")
+        check_state_dict(local / "model.pt", f"model.pt of {where}")
         for filename in CHECKPOINT_FILES:
             os.replace(local / filename, dst / filename)
     logger.info("pulled %s (version %s) to %s", model_uri, version.version, dst)
@@ -296,8 +445,7 @@ def load_checkpoint_dir(path: str | os.PathLike, map_location: str | torch.devic
     path = Path(path)
     cfg = _read_config(path / "config.json")
     model = models.build_model(cfg.model, cfg.task)
-    state = torch.load(path / "model.pt", map_location=map_location, weights_only=True)
-    model.load_state_dict(state)
+    model.load_state_dict(check_state_dict(path / "model.pt", str(path / "model.pt"), map_location))
     return model.eval()
 
 

@@ -9,6 +9,7 @@ Writes are atomic: a temp file renamed into place locally, a single complete PUT
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import tempfile
@@ -18,6 +19,8 @@ from typing import TypeVar
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
+
+from arm_platform import security
 
 logger = logging.getLogger(__name__)
 
@@ -32,11 +35,12 @@ def is_s3(uri: str) -> bool:
 
 
 def join(uri: str, *parts: str) -> str:
-    """Join path parts onto a local path or an s3:// URI with "/"."""
-    out = uri.rstrip("/")
-    for part in parts:
-        out = f"{out}/{part.strip('/')}"
-    return out
+    """Join path parts onto a local path or an s3:// URI with "/" (leading / trailing "/" of each part dropped).
+
+    ValueError when the result would lie outside `uri` ("..", or any "." / ".." segment on S3): names and manifest
+    entries come from users and files, and must never reach a sibling folder (`security.safe_join`).
+    """
+    return security.safe_join(uri, *parts)
 
 
 def split_s3(uri: str) -> tuple[str, str]:
@@ -148,6 +152,55 @@ def read_bytes(uri: str) -> bytes:
             return f.read()
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{uri} does not exist") from err
+
+
+def read_tail(uri: str, length: int) -> tuple[bytes, int]:
+    """(last `length` bytes, total size) of a file / object in one request (an S3 suffix range GET)."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        return _s3_call(uri, lambda: _s3_tail(bucket, key, length))
+    try:
+        with open(uri, "rb") as f:
+            total = os.fstat(f.fileno()).st_size
+            f.seek(max(total - length, 0))
+            return f.read(), total
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{uri} does not exist") from err
+
+
+def sha256(uri: str, chunk_size: int = 8 << 20) -> str:
+    """Hex sha256 of a file / object, streamed in `chunk_size` pieces (shards can be larger than memory allows)."""
+    digest = hashlib.sha256()
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+
+        def stream() -> None:
+            for chunk in s3_client().get_object(Bucket=bucket, Key=key)["Body"].iter_chunks(chunk_size):
+                digest.update(chunk)
+
+        _s3_call(uri, stream)
+        return digest.hexdigest()
+    try:
+        with open(uri, "rb") as f:
+            while chunk := f.read(chunk_size):
+                digest.update(chunk)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{uri} does not exist") from err
+    return digest.hexdigest()
+
+
+def _s3_tail(bucket: str, key: str, length: int) -> tuple[bytes, int]:
+    from botocore.exceptions import ClientError
+
+    try:
+        response = s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes=-{length}")
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") != "InvalidRange":  # an empty object has no suffix range
+            raise
+        return b"", int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
+    data = response["Body"].read()
+    content_range = response.get("ContentRange") or ""
+    return data, int(content_range.rsplit("/", 1)[1]) if "/" in content_range else len(data)
 
 
 def exists(uri: str) -> bool:

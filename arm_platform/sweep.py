@@ -2,42 +2,63 @@
 
 Follows Ray's `doc/source/train/doc_code/train_tune_interop.py`: a per-trial `train_driver_fn(config)` builds the
 TrainConfig from the base recipe plus the trial's sampled dotted overrides and fits a TorchTrainer named
-`train-trial_id=<trial id>` (no timestamps: a restarted trial re-attaches to its Train run) with `TuneReportCallback`.
-ASHA stops weak trials on `val_acc1`; Optuna optionally proposes them. Every trial is an MLflow run nested under the
-sweep's parent run (tag `mlflow.parentRunId`). Re-running the same sweep name resumes it (`Tuner.restore`).
+`train-trial_id=<trial id>` (no timestamps: a restarted trial re-attaches to its Train run). Trials are ranked, and
+ASHA stops weak ones, on `sweep_acc1` = the better of the raw model's and the EMA's val top-1 in each report (the
+weights `register_best` exports). Optuna optionally proposes trials. Every trial is an MLflow run nested under the
+sweep's parent run (`sweep_tracking.py`). Re-running the same sweep name resumes it (`Tuner.restore`) with the first
+run's settings; trials that failed for good stay failed. Storage may be a local folder or s3://.
 Search spaces are data in `recipes.SEARCH_SPACES`: {"optim.blr": ("loguniform", 1e-4, 2e-3), ...}.
 """
 
 from __future__ import annotations
 
-import argparse
+import concurrent.futures
 import dataclasses
+import json
 import logging
 import math
-import numbers
 import os
-from collections.abc import Mapping
+import signal
+import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
+import ray.train
 import ray.tune
+from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from arm_platform import cli, launch, recipes, registry, storage
-from arm_platform.config import TrainConfig, apply_overrides, flatten
-from arm_platform.search_space import build_param_space, parse_space_args
-from arm_platform.tracking import RUN_NAME_TAG, default_tracking_uri, safe_params
+from arm_platform import launch, recipes, registry, storage, sweep_tracking
+from arm_platform.config import TrainConfig, apply_overrides
+from arm_platform.search_space import build_param_space
+from arm_platform.security import validate_name
+from arm_platform.sweep_tracking import SWEEP_TAG, TRIAL_TAG, start_parent_run, start_trial_run, trial_run_id
+from arm_platform.tracking import default_tracking_uri
+
+__all__ = ["SWEEP_TAG", "TRIAL_TAG", "best_trial", "register_best", "start_parent_run", "start_trial_run", "tune"]
 
 logger = logging.getLogger(__name__)
 
-METRIC, MODE = "val_acc1", "max"
+METRIC, MODE = "sweep_acc1", "max"
+"""What ASHA and `best_trial` rank by: max(val_acc1, val_ema_acc1) of a report (added to every report)."""
+RAW_METRIC, EMA_METRIC = "val_acc1", "val_ema_acc1"
 TRIAL_DRIVER_CPUS = 0.1
 """CPU reserved by each trial's driver process (it only waits on its TorchTrainer)."""
-SWEEP_TAG, TRIAL_TAG = "arm.sweep_name", "arm.trial_id"
+READ_METADATA_TASK_CPUS = 1.0
+"""CPU of each Parquet sampling task `ray.data.read_parquet` starts in the trial driver before its workers start
+(`_fetch_parquet_file_info` in ray/data/_internal/datasource/parquet_datasource.py: a `cached_remote_fn` with no
+num_cpus, i.e. Ray's default 1 CPU; the parallel file-size fetch for >= 16 remote paths is the same). The driver
+waits for them, so one must fit next to the other trials' reservations."""
+TRIAL_START_TIMEOUT_S = 900.0
+"""Bound on each wait of a trial for cluster resources (Ray Data planning, Train worker placement)."""
 CHECKPOINT_PATH_KEY = "checkpoint_path"
-"""Metric key TuneReportCallback adds with the storage path of the reported checkpoint."""
+"""Metric key TuneReportCallback adds with the storage path of the reported checkpoint (no scheme for S3)."""
+FAULT_ENV = "ARM_SWEEP_FAULT_INJECT"
+"""Test hook, a marker file path: the first trial to start its workers gets its driver SIGKILLed, once."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -45,13 +66,14 @@ CHECKPOINT_PATH_KEY = "checkpoint_path"
 
 
 def trial_resources(cfg: TrainConfig) -> dict[str, float]:
-    """Cluster resources one trial needs at once: its driver, its Train workers and one Ray Data task.
+    """Cluster resources one trial holds at its peak: its driver, plus its Train workers and one Ray Data decode task
+    while training, or one Ray Data Parquet sampling task (READ_METADATA_TASK_CPUS) while its datasets are planned.
 
-    Ray Data read and decode tasks each reserve `data.decode_cpus`; a trial whose workers leave less than that free
-    deadlocks, so it counts as needed.
+    A trial that cannot get either deadlocks (the driver waits for the sampling task forever, a worker for data).
     """
     c = cfg.cluster
-    need = {"CPU": TRIAL_DRIVER_CPUS + c.num_workers * c.cpus_per_worker + cfg.data.decode_cpus}
+    training = c.num_workers * c.cpus_per_worker + cfg.data.decode_cpus
+    need = {"CPU": TRIAL_DRIVER_CPUS + max(training, READ_METADATA_TASK_CPUS)}
     if c.use_gpu:
         need["GPU"] = c.num_workers * c.gpus_per_worker
     return need
@@ -78,66 +100,58 @@ def _describe(need: Mapping[str, float]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# MLflow: parent run on the driver, one nested run per trial
-
-
-def _experiment_id(client, name: str) -> str:
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = None
-    if client.tracking_uri.startswith("sqlite:///"):  # keep artifacts next to the db, not under the cwd
-        db = Path(client.tracking_uri.removeprefix("sqlite:///")).resolve()
-        location = (db.parent / "mlartifacts" / name).as_uri()
-    return client.create_experiment(name, artifact_location=location)
-
-
-def start_parent_run(tracking_uri: str, experiment: str, sweep_name: str, params: Mapping[str, Any]) -> str:
-    """The sweep's parent run id: the existing one for a resumed sweep, else a new run."""
-    client = registry.connect(tracking_uri)
-    experiment_id = _experiment_id(client, experiment)
-    runs = client.search_runs([experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep_name}'")
-    found = [r for r in runs if TRIAL_TAG not in r.data.tags]
-    if found:
-        client.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id
-    run = client.create_run(experiment_id, run_name=sweep_name, tags={SWEEP_TAG: sweep_name})
-    client.log_batch(run.info.run_id, params=_params(params))
-    return run.info.run_id
-
-
-def start_trial_run(
-    tracking_uri: str,
-    experiment: str,
-    parent_run_id: str,
-    sweep_name: str,
-    trial_id: str,
-    run_name: str,
-    cfg: TrainConfig,
-) -> str:
-    """Create (or find, on resume) the trial's MLflow run nested under the parent.
-
-    The Train loop's tracker attaches to it because it carries the tag `arm.run_name` = the Ray Train run name.
-    """
-    client = registry.connect(tracking_uri)
-    experiment_id = _experiment_id(client, experiment)
-    found = client.search_runs([experiment_id], f"tags.`{RUN_NAME_TAG}` = '{run_name}'")
-    if found:
-        return found[0].info.run_id
-    tags = {"mlflow.parentRunId": parent_run_id, SWEEP_TAG: sweep_name, TRIAL_TAG: trial_id, RUN_NAME_TAG: run_name}
-    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
-    client.log_batch(run.info.run_id, params=_params(flatten(cfg)))
-    return run.info.run_id
-
-
-def _params(values: Mapping[str, Any]):
-    from mlflow.entities import Param
-
-    return [Param(k, str(v)[:6000]) for k, v in safe_params(dict(values)).items()]
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # trial driver
+
+
+def scored(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """`metrics` plus METRIC = max(val_acc1, val_ema_acc1) when the report carries val metrics."""
+    out = dict(metrics)
+    values = [float(out[k]) for k in (RAW_METRIC, EMA_METRIC) if _is_number(out.get(k))]
+    if values:
+        out[METRIC] = max(values)
+    return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
+
+
+class ReportToTune(TuneReportCallback):
+    """TuneReportCallback that adds METRIC to each report and holds back the run's final report.
+
+    The final report (step == final_step) reaches Tune from the trial driver once the Train run has ended, i.e. after
+    the loop closed its MLflow run: Tune (ASHA's last rung) may stop a trial the moment it sees a result, and a stop
+    on the final result used to kill the workers before they closed their run (left RUNNING, then marked KILLED).
+    """
+
+    def __init__(self, final_step: int) -> None:
+        super().__init__()
+        self.final_step = final_step
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:  # noqa: ANN001
+        if metrics and metrics[0].get("step") == self.final_step:
+            return
+        super().after_report(run_context, [scored(metrics[0]), *metrics[1:]], checkpoint)
+
+
+class KillDriverAtWorkerStart(WorkerGroupCallback):
+    """FAULT_ENV test hook (Train controller callback): once per marker file, SIGKILL the trial driver after the
+    workers and their placement group exist and before training starts, as the OOM killer would, then block until
+    Ray ends this controller (its owner died), so the trial's Train run can never finish."""
+
+    def __init__(self, pid: int, marker: str) -> None:
+        self.pid, self.marker = pid, marker
+
+    def after_worker_group_start(self, worker_group) -> None:  # noqa: ANN001
+        try:
+            with open(self.marker, "x") as f:
+                f.write(str(self.pid))
+        except FileExistsError:
+            return
+        logger.warning("%s: killing trial driver pid %d", FAULT_ENV, self.pid)
+        os.kill(self.pid, signal.SIGKILL)
+        if not threading.Event().wait(TRIAL_START_TIMEOUT_S):
+            raise RuntimeError(f"the Train controller outlived its killed driver for {TRIAL_START_TIMEOUT_S:g} s")
 
 
 def train_driver_fn(
@@ -148,6 +162,8 @@ def train_driver_fn(
     parent_run_id: str,
     tracking_uri: str,
     experiment: str,
+    start_timeout_s: float = TRIAL_START_TIMEOUT_S,
+    fault: str | None = None,
 ) -> None:
     """One Tune trial: base recipe + this trial's sampled overrides -> a TorchTrainer reporting to Tune."""
     trial_id = ray.tune.get_context().get_trial_id()
@@ -156,11 +172,49 @@ def train_driver_fn(
     cfg = dataclasses.replace(apply_overrides(TrainConfig.from_dict(base), overrides), experiment_name=name)
     plan = launch.validate(cfg)
     start_trial_run(tracking_uri, experiment, parent_run_id, sweep_name, trial_id, plan.run_name, cfg)
-    launch.build_trainer(plan, tracking_uri, name=name, callbacks=[TuneReportCallback()]).fit()
+    callbacks = [ReportToTune(plan.total_steps)] + ([KillDriverAtWorkerStart(os.getpid(), fault)] if fault else [])
+    trainer = _within(
+        start_timeout_s,
+        f"trial {trial_id}: Ray Data could not plan the datasets (its Parquet sampling tasks need "
+        f"{READ_METADATA_TASK_CPUS:g} CPU each)",
+        lambda: launch.build_trainer(plan, tracking_uri, name=name, callbacks=callbacks),
+    )
+    _bound_worker_start(trainer, start_timeout_s)
+    result = trainer.fit()
+    metrics = dict(result.metrics or {})
+    if metrics.get("step") == plan.total_steps and result.checkpoint is not None:  # the report held back
+        ray.tune.report(scored({**metrics, CHECKPOINT_PATH_KEY: result.checkpoint.path}))
+
+
+def _within(timeout_s: float, what: str, fn: Callable[[], Any]) -> Any:
+    """fn() in a helper thread; TimeoutError naming `what` and the free cluster resources after `timeout_s`."""
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="arm-trial-start")
+    future = pool.submit(fn)
+    pool.shutdown(wait=False)
+    try:
+        return future.result(timeout=timeout_s)
+    except concurrent.futures.TimeoutError:
+        free = _describe(ray.available_resources())
+        raise TimeoutError(
+            f"{what} within {timeout_s:g} s; free now: {free or 'nothing'}. Another trial (or a dead one's leftover "
+            "placement group) holds the cluster: see `ray list placement-groups`"
+        ) from None
+
+
+def _bound_worker_start(trainer, timeout_s: float) -> None:  # noqa: ANN001 (TorchTrainer)
+    """Give up on placing the Train workers after ~timeout_s (Ray Train V2 retries its 60 s start timeout forever)."""
+    per_try = float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", 60.0))
+    failure = trainer.run_config.failure_config or ray.train.FailureConfig()
+    limit = max(1, math.ceil(timeout_s / per_try))
+    trainer.run_config.failure_config = dataclasses.replace(failure, controller_failure_limit=limit)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# sweep
 
 
 def _sweep_path(cfg: TrainConfig, sweep_name: str) -> tuple[str, str]:
-    """(Tune storage_path, experiment path) with local paths made absolute."""
+    """(storage root, Tune experiment URI) with local paths made absolute."""
     root = cfg.storage_path if storage.is_s3(cfg.storage_path) else str(Path(cfg.storage_path).expanduser().resolve())
     return root, storage.join(root, sweep_name)
 
@@ -176,31 +230,35 @@ def tune(
     grace_period: int = 1,
     seed: int | None = None,
     check_resources: bool = True,
+    start_timeout_s: float = TRIAL_START_TIMEOUT_S,
 ) -> ray.tune.ResultGrid:
     """Run (or resume) the sweep `sweep_name` over `space` (default: recipes.SEARCH_SPACES for the recipe).
 
     Args:
-        cfg: base finetune config; its storage_path holds the Tune experiment `<storage_path>/<sweep_name>` and the
-            trials' Train runs `<storage_path>/<sweep_name>-trials/train-trial_id=...`.
+        cfg: base finetune config; its storage_path (local or s3://) holds the Tune experiment
+            `<storage_path>/<sweep_name>` and the trials' Train runs `<storage_path>/<sweep_name>-trials/train-...`.
         space: {dotted key: ("loguniform", lo, hi) | ("uniform", lo, hi) | ("choice", [...]) | ("grid", [...]) |
             ("randint", lo, hi) | fixed value}.
-        max_concurrent: trials at once; None derives it from the cluster's free CPUs / GPUs and one trial's needs.
+        max_concurrent: trials at once; None derives it from the cluster's CPUs / GPUs and one trial's needs. A
+            resumed sweep keeps the value (and search settings) of its first run.
         check_resources: raise ValueError before starting when one trial needs more than the cluster has (turn off
             on autoscaling clusters whose GPU nodes are not up yet, and pass max_concurrent).
+        start_timeout_s: a trial that waits longer than this for resources (dataset planning, worker placement)
+            fails with an error naming what it waited for, instead of waiting forever.
     Returns:
-        The ResultGrid; `best_trial(results)` picks the best checkpoint.
+        The ResultGrid; `best_trial(results)` picks the best checkpoint. A trial whose driver dies is retried up to
+        `checkpoint.max_failures` times (its Train run resumes from its last checkpoint), then fails.
     """
+    validate_name(sweep_name, "sweep name")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     space = dict(recipes.SEARCH_SPACES.get(cfg.recipe) or recipes.SEARCH_SPACES[cfg.task]) if space is None else space
     param_space = build_param_space(space, cfg)
     if use_optuna and any(isinstance(s, tuple) and s and s[0] == "grid" for s in space.values()):
         raise ValueError("Optuna search cannot take grid entries; use choice instead")
-    tracking_uri = (
-        cfg.tracking.tracking_uri or default_tracking_uri(cfg.storage_path) or registry.resolve_tracking_uri()
-    )
+    tracking_uri = _tracking_uri(cfg)
     experiment = cfg.tracking.experiment_name or cfg.recipe
-    root, path = _sweep_path(cfg, sweep_name)
+    root, _ = _sweep_path(cfg, sweep_name)
     base = dataclasses.replace(
         cfg,
         storage_path=storage.join(root, f"{sweep_name}-trials"),
@@ -212,17 +270,9 @@ def tune(
     if check_resources or max_concurrent is None:
         fits = max_concurrent_trials(need, ray.cluster_resources())
         max_concurrent = max_concurrent or fits
+    settings = {"num_samples": num_samples, "search_space": space, "recipe": cfg.recipe, "use_optuna": use_optuna}
     parent_run_id = start_parent_run(
-        tracking_uri,
-        experiment,
-        sweep_name,
-        {
-            "num_samples": num_samples,
-            "search_space": space,
-            "recipe": cfg.recipe,
-            "use_optuna": use_optuna,
-            "max_concurrent_trials": max_concurrent,
-        },
+        tracking_uri, experiment, sweep_name, settings | {"max_concurrent_trials": max_concurrent}
     )
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(
@@ -232,31 +282,89 @@ def tune(
             parent_run_id=parent_run_id,
             tracking_uri=tracking_uri,
             experiment=experiment,
+            start_timeout_s=start_timeout_s,
+            fault=os.environ.get(FAULT_ENV),
         ),
         {"cpu": TRIAL_DRIVER_CPUS},
     )
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # step-level reports carry no val_acc1
-    if ray.tune.Tuner.can_restore(path):
-        logger.info("resuming sweep %s from %s", sweep_name, path)
-        tuner = ray.tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        tuner = ray.tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=_tune_config(cfg, num_samples, max_concurrent, use_optuna, grace_period, seed),
-            run_config=ray.tune.RunConfig(name=sweep_name, storage_path=root),
-        )
-    logger.info(
-        "sweep %s: %d samples, <= %d concurrent trials of %s, MLflow parent run %s",
-        sweep_name,
-        num_samples,
-        max_concurrent,
-        _describe(need),
-        parent_run_id,
-    )
-    results = tuner.fit()
-    _finish_parent_run(tracking_uri, parent_run_id, results)
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # step-level reports carry no val metrics
+    tune_config = _tune_config(cfg, num_samples, max_concurrent, use_optuna, grace_period, seed)
+    tuner = _tuner(trainable, param_space, tune_config, cfg, root, sweep_name, tracking_uri, experiment)
+    logger.info("sweep %s: <= %d trials at once, each %s", sweep_name, max_concurrent, _describe(need))
+    try:
+        results = tuner.fit()
+    except BaseException:
+        sweep_tracking.abort_parent_run(tracking_uri, parent_run_id)
+        raise
+    failed = bool(results.errors or sweep_tracking.read_failed_trials(_failed_log(root, sweep_name)))
+    _finish(tracking_uri, parent_run_id, results, failed)
     return results
+
+
+def _failed_log(root: str, sweep_name: str) -> str:
+    return storage.join(root, f"{sweep_name}-trials", sweep_tracking.FAILED_TRIALS_FILE)
+
+
+def _tracking_uri(cfg: TrainConfig) -> str:
+    return cfg.tracking.tracking_uri or default_tracking_uri(cfg.storage_path) or registry.resolve_tracking_uri()
+
+
+def _tuner(
+    trainable: Any,
+    param_space: dict[str, Any],
+    tune_config: ray.tune.TuneConfig,
+    cfg: TrainConfig,
+    root: str,
+    sweep_name: str,
+    tracking_uri: str,
+    experiment: str,
+) -> ray.tune.Tuner:
+    """A new Tuner, or the sweep's saved one restored (its TuneConfig, search state and RunConfig come back).
+
+    Trials that failed for good are not re-run on restore: Tune would re-queue them outside its searcher's count of
+    live trials, so the searcher would start new ones next to them, beyond `max_concurrent_trials`.
+    """
+    fs, fs_root = storage.filesystem_for(root) if storage.is_s3(root) else (None, root)
+    path = f"{fs_root.rstrip('/')}/{sweep_name}"
+    failed_log = _failed_log(root, sweep_name)
+    if ray.tune.Tuner.can_restore(path, storage_filesystem=fs):
+        failed = sweep_tracking.read_failed_trials(failed_log)
+        logger.info("resuming sweep %s from its saved state; not re-running failed trials %s", sweep_name, failed)
+        _mark_failed_in_saved_state(fs or pafs.LocalFileSystem(), path, failed)
+        return ray.tune.Tuner.restore(
+            path, trainable=trainable, resume_unfinished=True, resume_errored=False, storage_filesystem=fs
+        )
+    run_config = ray.tune.RunConfig(
+        name=sweep_name,
+        storage_path=fs_root,
+        storage_filesystem=fs,
+        failure_config=ray.tune.FailureConfig(max_failures=cfg.checkpoint.max_failures),
+        callbacks=[sweep_tracking.TrialRunCloser(tracking_uri, experiment), sweep_tracking.FailedTrialLog(failed_log)],
+    )
+    return ray.tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+
+
+def _mark_failed_in_saved_state(fs: pafs.FileSystem, path: str, failed: list[str]) -> None:
+    """Set the recorded failed trials to ERROR in Tune's saved experiment state before restoring it.
+
+    Ray 2.60 does not re-save a trial whose actor died (`TuneController._schedule_trial_stop` returns before
+    `_mark_trial_to_checkpoint` when the actor is already gone): its saved status stays RUNNING, so a restore would
+    resume it as unfinished, outside the searcher's count of live trials (more than max_concurrent_trials at once).
+    """
+    infos = fs.get_file_info(pafs.FileSelector(path))
+    for info in (i for i in infos if i.base_name.startswith("experiment_state-") and i.base_name.endswith(".json")):
+        with fs.open_input_stream(info.path) as f:
+            state = json.loads(f.read())
+        changed = False
+        for entry in state["trial_data"]:
+            trial, meta = json.loads(entry[0]), json.loads(entry[1])
+            if trial["trial_id"] in failed and trial["status"] not in ("ERROR", "TERMINATED"):
+                trial["status"] = "ERROR"
+                meta.update(error_filename="error.txt", pickled_error_filename="error.pkl")  # ResultGrid.errors
+                entry[0], entry[1], changed = json.dumps(trial, indent=2), json.dumps(meta), True
+        if changed:
+            with fs.open_output_stream(info.path) as f:
+                f.write(json.dumps(state).encode())
 
 
 def _tune_config(
@@ -280,125 +388,79 @@ def _tune_config(
     )
 
 
+def _finish(tracking_uri: str, parent_run_id: str, results: ray.tune.ResultGrid, failed: bool) -> None:
+    try:
+        best = best_trial(results)
+    except ValueError:
+        best = None
+    uri = best["checkpoint_uri"] if best else ""
+    sweep_tracking.finish_parent_run(tracking_uri, parent_run_id, best, failed=failed, best_uri=uri)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # results
 
 
-def best_trial(results: ray.tune.ResultGrid, metric: str = METRIC) -> dict[str, Any]:
-    """Best reported `metric` over every trial's history that came with a checkpoint.
+def checkpoint_uri(path: str) -> str:
+    """Storage URI of a checkpoint path Tune / Train report: local paths are absolute, S3 ones "bucket/key"."""
+    return path if path.startswith(("/", "s3://")) else f"s3://{path}"
 
-    Returns {"trial_id", metric, "checkpoint_path", "metrics" (that report's metrics), "config"}.
+
+def best_trial(results: ray.tune.ResultGrid) -> dict[str, Any]:
+    """The best report with a checkpoint that still verifies, over every trial's history, by max(raw, EMA) top-1.
+
+    Returns {"trial_id", "score" (= METRIC), "weights" ("raw" | "ema": which weights scored it), "val_acc1",
+    "checkpoint_path", "checkpoint_uri", "metrics" (that report's numeric metrics), "config"}. Reports whose
+    checkpoint Train pruned (or that fails its manifest) are skipped with a warning.
     """
-    best: dict[str, Any] | None = None
+    from arm_platform.train.checkpoint import CheckpointError, verify_checkpoint
+
+    # ties (tiny runs often score alike) go to the later checkpoint path: the same pick on every call and resume
+    candidates = sorted(_candidates(results), key=lambda c: (c["score"], c["checkpoint_uri"]), reverse=True)
+    for best in candidates:
+        try:
+            verify_checkpoint(best["checkpoint_uri"], deep=False)
+        except (CheckpointError, FileNotFoundError) as err:
+            logger.warning("skipping trial %s's checkpoint: %s", best["trial_id"], err)
+            continue
+        return best
+    raise ValueError(f"no trial reported {RAW_METRIC!r} together with a checkpoint that still exists")
+
+
+def _candidates(results: ray.tune.ResultGrid):  # noqa: ANN202 (generator of dicts)
     for result in results:
         frame = result.metrics_dataframe
-        if frame is None or metric not in frame or CHECKPOINT_PATH_KEY not in frame:
+        if frame is None or RAW_METRIC not in frame or CHECKPOINT_PATH_KEY not in frame:
             continue
-        rows = frame[frame[metric].notna() & frame[CHECKPOINT_PATH_KEY].notna()]
-        if rows.empty:
-            continue
-        row = rows.loc[rows[metric].idxmax()]
-        if best is None or row[metric] > best[metric]:
-            metrics = {k: v for k, v in row.items() if isinstance(v, numbers.Real) and not math.isnan(v)}
-            best = {
-                "trial_id": result.metrics.get("trial_id", row.get("trial_id")),
-                metric: float(row[metric]),
+        for _, row in frame[frame[RAW_METRIC].notna() & frame[CHECKPOINT_PATH_KEY].notna()].iterrows():
+            metrics = {k: float(v) for k, v in row.items() if _is_number(v)}
+            ema = metrics.get(EMA_METRIC, -math.inf)
+            yield {
+                "trial_id": str((result.metrics or {}).get("trial_id", row.get("trial_id"))),
+                "score": max(metrics[RAW_METRIC], ema),
+                "weights": "ema" if ema >= metrics[RAW_METRIC] else "raw",
+                RAW_METRIC: metrics[RAW_METRIC],
                 "checkpoint_path": row[CHECKPOINT_PATH_KEY],
+                "checkpoint_uri": checkpoint_uri(row[CHECKPOINT_PATH_KEY]),
                 "metrics": metrics,
                 "config": dict(result.config),
             }
-    if best is None:
-        raise ValueError(f"no trial reported {metric!r} together with a checkpoint")
-    return best
-
-
-def _finish_parent_run(tracking_uri: str, parent_run_id: str, results: ray.tune.ResultGrid) -> None:
-    """Log the best trial on the parent run and close it; close trial runs ASHA stopped (left RUNNING)."""
-    client = registry.connect(tracking_uri)
-    experiment_id = client.get_run(parent_run_id).info.experiment_id
-    running = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'"
-    for child in client.search_runs([experiment_id], running):  # Tune killed the driver before the loop closed it
-        client.set_terminated(child.info.run_id, status="KILLED")
-    try:
-        best = best_trial(results)
-    except ValueError:
-        client.set_terminated(parent_run_id, status="FAILED")
-        return
-    client.log_metric(parent_run_id, f"best_{METRIC}", best[METRIC])
-    client.set_tag(parent_run_id, "best_trial_id", str(best["trial_id"]))
-    client.set_tag(parent_run_id, "best_checkpoint", _checkpoint_uri(best["checkpoint_path"]))
-    client.set_terminated(parent_run_id, status="FINISHED" if not results.errors else "FAILED")
-
-
-def _checkpoint_uri(path: str) -> str:
-    """Tune reports storage paths without a scheme for S3 ("bucket/key"); local ones are absolute."""
-    return path if path.startswith(("/", "s3://")) or Path(path).exists() else f"s3://{path}"
-
-
-def trial_run_id(tracking_uri: str, experiment: str, trial_id: str) -> str | None:
-    """MLflow run id of a trial (tag arm.trial_id)."""
-    client = registry.connect(tracking_uri)
-    found = client.search_runs([_experiment_id(client, experiment)], f"tags.`{TRIAL_TAG}` = '{trial_id}'")
-    return found[0].info.run_id if found else None
 
 
 def register_best(
     results: ray.tune.ResultGrid, cfg: TrainConfig, name: str, *, aliases: tuple[str, ...] = ("champion",)
-):
-    """Register the sweep's best checkpoint as a new version of `name` (tags: metrics, trial, source run)."""
+):  # noqa: ANN201 (ModelVersion)
+    """Register the sweep's best checkpoint with the weights that scored it (idempotent: a re-run returns it)."""
     best = best_trial(results)
-    tracking_uri = (
-        cfg.tracking.tracking_uri or default_tracking_uri(cfg.storage_path) or registry.resolve_tracking_uri()
-    )
-    run_id = trial_run_id(tracking_uri, cfg.tracking.experiment_name or cfg.recipe, str(best["trial_id"]))
+    tracking_uri = _tracking_uri(cfg)
+    run_id = trial_run_id(tracking_uri, cfg.tracking.experiment_name or cfg.recipe, best["trial_id"])
     return registry.register_checkpoint(
-        _checkpoint_uri(best["checkpoint_path"]),
+        best["checkpoint_uri"],
         name,
         aliases=aliases,
-        metrics={k: v for k, v in best["metrics"].items() if k.startswith("val")},
+        metrics={k: v for k, v in best["metrics"].items() if k.startswith("val_")},
         run_id=run_id,
         tracking_uri=tracking_uri,
         tags={"trial_id": best["trial_id"]},
+        weights=best["weights"],
     )
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# job entry point
-
-
-def main(argv: list[str]) -> ray.tune.ResultGrid | None:
-    """`jobs/tune_finetune.py` body: sweep flags, then `--flag value` / dotted overrides of the base recipe."""
-    parser = argparse.ArgumentParser(description="Ray Tune sweep over a finetune recipe", allow_abbrev=False)
-    parser.add_argument("--recipe", help="finetune recipe; default finetune_<size of --model>, else finetune_base")
-    parser.add_argument("--sweep-name", required=True, help="re-running the same name resumes the sweep")
-    parser.add_argument("--num-samples", type=int, default=8)
-    parser.add_argument("--optuna", action="store_true", help="Optuna TPE search instead of random sampling")
-    parser.add_argument("--max-concurrent", type=int, default=None)
-    parser.add_argument(
-        "--space", action="append", default=[], help="key=sampler:args, e.g. optim.blr=uniform:1e-4:1e-3"
-    )
-    parser.add_argument("--register", metavar="MODEL_NAME", help="register the best checkpoint under this name")
-    args, rest = parser.parse_known_args(argv)
-    base = recipes.get(args.recipe) if args.recipe else launch.recipe_for("finetune", rest)
-    cfg, dry_run = cli.apply_cli(base, rest)
-    space = {
-        **(recipes.SEARCH_SPACES.get(cfg.recipe) or recipes.SEARCH_SPACES[cfg.task]),
-        **parse_space_args(args.space),
-    }
-    if dry_run:
-        cli.print_config(cfg)
-        return None
-    results = tune(
-        cfg,
-        space,
-        num_samples=args.num_samples,
-        sweep_name=args.sweep_name,
-        use_optuna=args.optuna,
-        max_concurrent=args.max_concurrent,
-    )
-    best = best_trial(results)
-    logger.info("best trial %s: %s=%.4f checkpoint %s", best["trial_id"], METRIC, best[METRIC], best["checkpoint_path"])
-    if args.register:
-        version = register_best(results, cfg, args.register)
-        logger.info("registered models:/%s/%s (aliases %s)", args.register, version.version, version.aliases)
-    return results

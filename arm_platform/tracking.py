@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from arm_platform.security import is_secret_key, redact, redact_text
+
 log = logging.getLogger(__name__)
 
 RUN_NAME_TAG = "arm.run_name"
@@ -24,27 +26,46 @@ MIN_VIS_SIZE = 128
 _SECRET_MARKERS = ("secret", "password", "token", "access_key", "aws_")
 
 
-def default_tracking_uri(storage_path: str) -> str | None:
-    """$MLFLOW_TRACKING_URI, else sqlite:///<abs storage_path>/mlflow.db for local storage, else None (MLflow's)."""
+def default_tracking_uri(storage_path: str) -> str:
+    """$MLFLOW_TRACKING_URI, else sqlite:///<abs storage_path>/mlflow.db for local storage.
+
+    Raises:
+        ValueError: remote storage (s3://...) and no tracking URI: MLflow's own default is a sqlite file in the
+            job's working directory, which a cluster job deletes when it ends, so the runs would be lost.
+    """
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     if "://" in storage_path:
-        return None
+        raise ValueError(
+            f"storage {storage_path} is remote but no MLflow tracking URI is set: runs would land in a sqlite file in "
+            "the job's temporary working directory and be lost. Set MLFLOW_TRACKING_URI (e.g. http://mlflow:5000) "
+            "or tracking.tracking_uri=..."
+        )
     root = Path(storage_path).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
 def default_artifact_location(storage_path: str) -> str | None:
-    """<abs storage_path>/mlartifacts for local storage (else the tracking server's default)."""
+    """Artifacts beside the runs: <abs storage_path>/mlartifacts (file URI, or s3:// for S3 storage), else None.
+
+    Used with sqlite stores (a tracking server decides its own artifact root).
+    """
+    if storage_path.startswith("s3://"):
+        return f"{storage_path.rstrip('/')}/mlartifacts"
     if "://" in storage_path:
         return None
     return (Path(storage_path).expanduser().resolve() / "mlartifacts").as_uri()
 
 
 def safe_params(params: dict[str, Any]) -> dict[str, Any]:
-    """Drop anything that looks like a credential (never log secrets)."""
-    return {k: v for k, v in params.items() if not any(m in k.lower() for m in _SECRET_MARKERS)}
+    """Drop credential-like keys and mask credentials inside values (URIs with user:pass@, ?token=...)."""
+    kept = {
+        k: v
+        for k, v in params.items()
+        if not any(m in k.lower() for m in _SECRET_MARKERS) and not is_secret_key(k.rsplit(".", 1)[-1])
+    }
+    return redact(kept)
 
 
 class NullTracker:
@@ -57,6 +78,8 @@ class NullTracker:
     def log_images(self, pred: torch.Tensor, true: torch.Tensor, name: str) -> None: ...
 
     def set_tag(self, key: str, value: str) -> None: ...
+
+    def prune_checkpoint_tags(self, existing: set[str]) -> None: ...
 
     def finish(self, status: str = "FINISHED") -> None: ...
 
@@ -95,7 +118,8 @@ class MlflowTracker(NullTracker):
         mlflow.set_tag(RUN_NAME_TAG, run_name)
         if not existing:
             mlflow.log_params({k: str(v) for k, v in safe_params(params).items()})
-        log.info("MLflow run %s (%s) at %s", self.run_id, "resumed" if existing else "new", mlflow.get_tracking_uri())
+        where = redact_text(mlflow.get_tracking_uri())
+        log.info("MLflow run %s (%s) at %s", self.run_id, "resumed" if existing else "new", where)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
@@ -114,10 +138,33 @@ class MlflowTracker(NullTracker):
             self._mlflow.log_artifact(str(path), artifact_path="predictions")
 
     def set_tag(self, key: str, value: str) -> None:
-        self._mlflow.set_tag(key, value)
+        self._mlflow.set_tag(key, redact_text(str(value)))
+
+    def prune_checkpoint_tags(self, existing: set[str]) -> None:
+        """Delete `checkpoint.step_*` tags whose checkpoint URI is not in `existing` (pruned by num_to_keep)."""
+        prune_checkpoint_tags(self._mlflow.MlflowClient(), self.run_id, existing)
 
     def finish(self, status: str = "FINISHED") -> None:
         self._mlflow.end_run(status=status)
+
+
+CHECKPOINT_TAG_PREFIX = "checkpoint.step_"
+
+
+def prune_checkpoint_tags(client: Any, run_id: str, existing: set[str]) -> list[str]:
+    """Delete the run's `checkpoint.step_*` tags that name a checkpoint URI not in `existing`; returns their keys."""
+    tags = client.get_run(run_id).data.tags
+    gone = [k for k, v in tags.items() if k.startswith(CHECKPOINT_TAG_PREFIX) and v not in existing]
+    for key in gone:
+        client.delete_tag(run_id, key)
+    return gone
+
+
+def run_id_for(client: Any, run_name: str) -> str | None:
+    """MLflow run id of the Ray run `run_name` (tag `arm.run_name`) in any experiment, None when absent."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    found = client.search_runs(experiments, f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
+    return found[0].info.run_id if found else None
 
 
 def build_tracker(

@@ -4,13 +4,16 @@ Shapes: B batch, D channels (d), L length, N state. Inputs as in a Mamba block: 
 The stock reference takes seconds per call, so it is timed once and only at d=768, L=196 unless --ref-all.
 
     python benchmarks/scan.py                 # CPU table, 2 threads
-    python benchmarks/scan.py --device cuda   # also our scan on CUDA and the mamba-ssm kernel
+    python benchmarks/scan.py --device cuda   # also our scan on CUDA and the mamba-ssm kernel (fp32 and bf16)
+    python benchmarks/scan.py --device cuda --skip-cpu --json rows.json   # the CUDA table only, as JSON
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import itertools
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -142,36 +145,67 @@ def cpu_table(args: argparse.Namespace) -> bool:
     return ok
 
 
-def cuda_table(args: argparse.Namespace) -> None:
-    """Print our scan on CUDA and the mamba-ssm kernel, when available."""
-    if not torch.cuda.is_available():
+def to_dtype(inputs: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """The activations (u, delta, B, C, z) in `dtype`, as under bf16 autocast; A, D, delta_bias stay fp32."""
+    return [t.detach().to(dtype if t.dim() == 3 else t.dtype).requires_grad_() for t in inputs]
+
+
+def kernel_cells(kernel_fn: Callable, inputs: list[torch.Tensor], repeats: int, device: str) -> dict:
+    """Kernel fwd / fwd+bwd ms and its max |kernel - ours| output difference."""
+    fwd, fwdbwd = fwd_and_fwdbwd(kernel_fn, inputs, repeats, device)
+    with torch.no_grad():
+        kernel, ours = (fn(*inputs, delta_softplus=True).float() for fn in (kernel_fn, selective_scan_ref))
+    return {"kernel_fwd_ms": fwd, "kernel_fwdbwd_ms": fwdbwd, "max_abs_diff": (kernel - ours).abs().max().item()}
+
+
+def cuda_table(args: argparse.Namespace, device: str = "cuda") -> list[dict]:
+    """Our scan on CUDA and the mamba-ssm kernel (when available), fp32 and bf16 activations; returns the rows.
+
+    `device` is "cuda" but for tests, which drive the same code on CPU tensors.
+    """
+    if device == "cuda" and not torch.cuda.is_available():
         print("\n--device cuda: CUDA is not available, skipped")
-        return
+        return []
     kernels, reason = _kernels.load_kernels()
-    print(f"\nCUDA {torch.cuda.get_device_name()}: kernels: {reason}")
-    print(f"{'B':>3} {'d':>5} {'L':>5} {'N':>3} | {'ours fwd':>9} {'ours f+b':>9} | {'kern fwd':>9} {'kern f+b':>9}")
-    for batch, dim, length, n_state in SIZES:
-        inputs = make_inputs(batch, dim, length, n_state, "cuda")
-        fwd, fwdbwd = fwd_and_fwdbwd(selective_scan_ref, inputs, args.repeats, "cuda")
-        kern = ("-", "-")
+    print(f"\n{torch.cuda.get_device_name() if device == 'cuda' else device}: kernels: {reason}")
+    print(f"{'B':>3} {'d':>5} {'L':>5} {'N':>3} {'dtype':>5} | {'ours fwd':>9} {'ours f+b':>9} | "
+          f"{'kern fwd':>9} {'kern f+b':>9} {'max diff':>9}")  # fmt: skip
+    rows = []
+    for (batch, dim, length, n_state), dtype in itertools.product(SIZES, (torch.float32, torch.bfloat16)):
+        inputs = to_dtype(make_inputs(batch, dim, length, n_state, device), dtype)
+        row = {"B": batch, "d": dim, "L": length, "N": n_state, "dtype": str(dtype).removeprefix("torch.")}
+        row["ours_fwd_ms"], row["ours_fwdbwd_ms"] = fwd_and_fwdbwd(selective_scan_ref, inputs, args.repeats, device)
+        kern = ("-", "-", "-")
         if kernels is not None:
-            kf, kfb = fwd_and_fwdbwd(kernels.selective_scan_fn, inputs, args.repeats, "cuda")
-            kern = (f"{kf:9.2f}", f"{kfb:9.2f}")
-        print(f"{batch:>3} {dim:>5} {length:>5} {n_state:>3} | {fwd:9.2f} {fwdbwd:9.2f} | {kern[0]:>9} {kern[1]:>9}")
+            row.update(kernel_cells(kernels.selective_scan_fn, inputs, args.repeats, device))
+            kern = (f"{row['kernel_fwd_ms']:9.2f}", f"{row['kernel_fwdbwd_ms']:9.2f}", f"{row['max_abs_diff']:9.1e}")
+        rows.append(row)
+        print(f"{batch:>3} {dim:>5} {length:>5} {n_state:>3} {row['dtype'][:5]:>5} | {row['ours_fwd_ms']:9.2f} "
+              f"{row['ours_fwdbwd_ms']:9.2f} | {kern[0]:>9} {kern[1]:>9} {kern[2]:>9}", flush=True)  # fmt: skip
+    return rows
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: also time on the GPU")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for the CPU table")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per cell (best reported)")
     parser.add_argument("--ref-all", action="store_true", help="time the stock loop at every size (slow)")
-    args = parser.parse_args()
+    parser.add_argument("--skip-cpu", action="store_true", help="with --device cuda: the CUDA table only")
+    parser.add_argument("--json", type=Path, default=None, help="write the CUDA rows as JSON here")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cpu_table(args)
+    if not (args.skip_cpu and args.device == "cuda"):
+        cpu_table(args)
     if args.device == "cuda":
-        cuda_table(args)
+        rows = cuda_table(args)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

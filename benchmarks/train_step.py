@@ -1,12 +1,13 @@
-"""Pretraining step throughput: images/s of forward + backward + AdamW step.
+"""Training step throughput: images/s of forward + backward + AdamW step.
 
-CPU: tiny and small ARM with our scan (ops backend "ref", the fast pure-PyTorch scan) vs the stock mamba-ssm
-reference loop (`benchmarks/scan.py`'s copy, or a naive per-step loop if that file is absent).
-CUDA (--device cuda): arm_base pretraining img/s and peak memory in bf16 autocast (ops backend "auto": kernels
-when installed).
+CPU: tiny and small ARM pretraining with our scan (ops backend "ref", the fast pure-PyTorch scan) vs the stock
+mamba-ssm reference loop (`benchmarks/scan.py`'s copy, or a naive per-step loop if that file is absent).
+CUDA (--device cuda): arm_base pretraining (192 px) and finetuning (224 px) at the recipes' per-GPU batch in bf16
+autocast (ops backend "auto": the kernels when installed): img/s, peak memory and model FLOPs utilisation (MFU, the
+analytic FLOPs of `benchmarks/flops.py` over the H200 / H100 dense bf16 peak, 989 TFLOP/s).
 
-    python benchmarks/train_step.py                  # CPU table
-    python benchmarks/train_step.py --device cuda    # arm_base on a GPU
+    python benchmarks/train_step.py                                  # CPU table
+    python benchmarks/train_step.py --device cuda --json out.json    # arm_base on a GPU
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import contextlib
 import dataclasses
 import importlib
+import json
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -27,10 +29,14 @@ from arm_platform.models import build_model
 from arm_platform.train.engine import train_one_epoch
 from arm_platform.train.optim import build_optimizer
 from arm_platform.train.schedule import Schedule
-from arm_platform.train.tasks import PretrainTask
+from arm_platform.train.tasks import build_task
+
+sys.path.insert(0, str(Path(__file__).parent))
+import flops  # noqa: E402  (benchmarks/flops.py)
 
 inner_ops = importlib.import_module("arm_platform.ops.mamba_inner")  # the module (ops.mamba_inner is the function)
 CPU_CASES = [("tiny", 32), ("small", 4)]  # (size, batch)
+CUDA_TASKS = ("pretrain", "finetune")
 
 
 def naive_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
@@ -78,16 +84,34 @@ def scan_impl(fn: Callable | None) -> Iterator[None]:
         inner_ops.selective_scan_ref = original
 
 
-def step_img_per_s(size: str, batch: int, device: str, steps: int, warmup: int = 1) -> tuple[float, float]:
-    """(img/s, peak GPU memory GiB or 0) of pretraining steps of the `size` recipe's model on random images."""
-    cfg = recipes.get(f"pretrain_{size}")
+def _step_parts(recipe: str, batch: int, device: str):
+    """(cfg, task, optimizer, schedule) of one recipe's training step at `batch`, model on `device`."""
+    cfg = recipes.get(recipe)
     cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, batch_size=batch))
-    model = build_model(cfg.model, "pretrain").to(device)
-    opt = build_optimizer(model, cfg.optim, "pretrain")
-    task = PretrainTask(model)
+    model = build_model(cfg.model, cfg.task).to(device)
+    opt = build_optimizer(model, cfg.optim, cfg.task)
     sched = Schedule(peak_lr=1e-4, min_lr=1e-4, warmup_steps=0, total_steps=10**6)
-    img = cfg.model.img_size
-    batches = [{"image": torch.randn(batch, 3, img, img, device=device)} for _ in range(warmup + steps)]
+    return cfg, build_task(cfg, model), opt, sched
+
+
+def _batches(cfg, batch: int, device: str, count: int) -> list[dict[str, torch.Tensor]]:
+    img, classes = cfg.model.img_size, cfg.model.num_classes
+    return [
+        {
+            "image": torch.randn(batch, 3, img, img, device=device),
+            "label": torch.randint(classes, (batch,), device=device),
+        }
+        for _ in range(count)
+    ]
+
+
+def step_img_per_s(recipe: str, batch: int, device: str, steps: int, warmup: int = 1) -> tuple[float, float]:
+    """(img/s, peak GPU memory GiB or 0) of `steps` training steps of `recipe`'s model on random images.
+
+    The peak covers the timed steps only (optimizer state already allocated by the warm-up step).
+    """
+    cfg, task, opt, sched = _step_parts(recipe, batch, device)
+    batches = _batches(cfg, batch, device, warmup + steps)
     train_one_epoch(task, batches[:warmup], opt, sched, start_step=0, max_steps=warmup, clip_grad=3.0)
     if device == "cuda":
         torch.cuda.synchronize()
@@ -103,37 +127,100 @@ def step_img_per_s(size: str, batch: int, device: str, steps: int, warmup: int =
     return batch * steps / elapsed, peak
 
 
+def measure(recipe: str, batch: int, device: str, steps: int, warmup: int) -> dict:
+    """One row of the CUDA table: throughput, memory and MFU of `recipe`'s training step."""
+    cfg = recipes.get(recipe)
+    img_s, peak = step_img_per_s(recipe, batch, device, steps, warmup)
+    train_flops = flops.train_step_per_image(cfg.model, cfg.task)
+    return {
+        "recipe": recipe,
+        "model": cfg.model.name,
+        "task": cfg.task,
+        "img_size": cfg.model.img_size,
+        "batch": batch,
+        "precision": cfg.precision if device == "cuda" else "fp32",
+        "ops_backend": ops.active_backend(device),
+        "steps": steps,
+        "img_per_s": img_s,
+        "step_ms": 1e3 * batch / img_s,
+        "peak_mem_gib": peak,
+        "train_gflop_per_img": train_flops / 1e9,
+        "achieved_tflops": img_s * train_flops / 1e12,
+        "mfu": flops.mfu(img_s, train_flops),
+        "peak_tflops": flops.H200_BF16_DENSE_PEAK / 1e12,
+    }
+
+
 def cpu_table(steps: int) -> None:
     ops.set_backend("ref")
     ref_name, ref_fn = reference_loop()
     print(f"CPU, {torch.get_num_threads()} threads; reference: {ref_name}")
     print(f"{'model':<8}{'batch':>6}{'ours img/s':>12}{'loop img/s':>12}{'speedup':>9}")
     for size, batch in CPU_CASES:
-        ours, _ = step_img_per_s(size, batch, "cpu", steps)
+        ours, _ = step_img_per_s(f"pretrain_{size}", batch, "cpu", steps)
         with scan_impl(ref_fn):
-            loop, _ = step_img_per_s(size, batch, "cpu", max(1, steps // 2))
+            loop, _ = step_img_per_s(f"pretrain_{size}", batch, "cpu", max(1, steps // 2))
         print(f"{size:<8}{batch:>6}{ours:>12.1f}{loop:>12.2f}{ours / loop:>8.1f}x")
 
 
-def cuda_table(steps: int, batch: int) -> None:
-    print(f"{torch.cuda.get_device_name()}, ops backend {ops.active_backend('cuda')}, bf16 autocast")
-    img_s, peak = step_img_per_s("base", batch, "cuda", steps, warmup=2)
-    print(f"arm_base_pz16 pretrain batch {batch}: {img_s:.1f} img/s, peak memory {peak:.2f} GiB")
+def format_rows(rows: list[dict]) -> str:
+    """Fixed-width table of `measure` rows."""
+    head = f"{'recipe':<16}{'img':>5}{'batch':>6}{'ops':>7}{'img/s':>10}{'step ms':>9}{'peak GiB':>9}"
+    head += f"{'GFLOP/img':>10}{'TFLOP/s':>9}{'MFU':>7}"
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"{r['recipe']:<16}{r['img_size']:>5}{r['batch']:>6}{r['ops_backend']:>7}{r['img_per_s']:>10.1f}"
+            f"{r['step_ms']:>9.1f}{r['peak_mem_gib']:>9.2f}{r['train_gflop_per_img']:>10.1f}"
+            f"{r['achieved_tflops']:>9.1f}{100 * r['mfu']:>6.1f}%"
+        )
+    return "\n".join(lines)
 
 
-def main() -> None:
+def cuda_table(args: argparse.Namespace, device: str = "cuda") -> list[dict]:
+    """arm_base pretrain / finetune rows on the GPU (recipe batch unless --batch); `device` is "cuda" but in tests."""
+    peak = flops.H200_BF16_DENSE_PEAK / 1e12
+    name = torch.cuda.get_device_name() if device == "cuda" else device
+    print(f"{name}, ops backend {ops.active_backend(device)}, bf16 autocast")
+    print(f"MFU over {peak:.0f} TFLOP/s (H100/H200 dense bf16), train FLOPs = 3 x forward (benchmarks/flops.py)")
+    rows = []
+    for task in args.task:
+        recipe = f"{task}_{args.size}"
+        batch = args.batch or recipes.get(recipe).optim.batch_size
+        rows.append(measure(recipe, batch, device, args.steps, args.warmup))
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        table = format_rows(rows)
+        print(table if len(rows) == 1 else table.splitlines()[-1], flush=True)
+    return rows
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=64, help="CUDA batch size (arm_base)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 4 on CPU, 10 on CUDA)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (CUDA)")
+    parser.add_argument("--task", nargs="+", choices=CUDA_TASKS, default=list(CUDA_TASKS), help="CUDA rows")
+    parser.add_argument("--size", default="base", help="CUDA: recipe size (pretrain_SIZE / finetune_SIZE)")
+    parser.add_argument("--batch", type=int, default=None, help="CUDA batch size (default: the recipe's per-GPU)")
+    parser.add_argument("--json", type=Path, default=None, help="CUDA: also write the rows as JSON here")
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.steps is None:
+        args.steps = 10 if args.device == "cuda" else 4
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    if args.device == "cuda":
-        cuda_table(args.steps, args.batch)
-    else:
+    if args.device == "cpu":
         cpu_table(args.steps)
+        return
+    rows = cuda_table(args)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

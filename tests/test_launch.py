@@ -38,7 +38,7 @@ def _pretrain_args(data: str, storage: Path) -> list[str]:
         "2",
         "--warmup_epochs",
         "1",
-        "--num_workers",
+        "--world_size",
         "2",
         "data.max_train_samples=256",
         "data.max_val_samples=128",
@@ -152,7 +152,7 @@ def test_pretrain_survives_a_worker_fault_then_finetune_beats_chance(ray_cluster
             "0.5",
             "--lr",
             "5e-3",
-            "--num_workers",
+            "--world_size",
             "2",
             "data.max_train_samples=512",
             "data.max_val_samples=256",
@@ -163,3 +163,13 @@ def test_pretrain_survives_a_worker_fault_then_finetune_beats_chance(ray_cluster
     # 10 classes: chance is 10% (+-1.9% on 256 images); 24 tiny steps reach 17-20%
     assert finetune.metrics["val_acc1"] > 15.0
     assert "val_ema_acc1" in finetune.metrics and "val_acc5" in finetune.metrics
+
+    # official --eval --resume: model.pt holds the EMA weights, so it scores what the run reported for its EMA
+    evaluated = launch.fit(
+        recipes.get("finetune_tiny"),
+        ["--data_path", fm_data, "--output_dir", str(storage), "--eval", "--resume", finetune.checkpoint.path,
+         "--batch_size", "32", "--world_size", "2", "data.max_val_samples=256", *TINY],
+    )  # fmt: skip
+    assert evaluated["val_count"] == 256
+    assert evaluated["val_acc1"] == pytest.approx(finetune.metrics["val_ema_acc1"], abs=1e-6)
+    assert evaluated["val_acc5"] == pytest.approx(finetune.metrics["val_ema_acc5"], abs=1e-6)

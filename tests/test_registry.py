@@ -14,6 +14,7 @@ import torch
 
 from arm_platform import models, recipes, registry
 from arm_platform.config import apply_overrides
+from arm_platform.train.checkpoint import CheckpointError, write_manifest
 
 TINY = ["model.embed_dim=32", "model.depth=2"]
 
@@ -25,15 +26,28 @@ def _free_port() -> int:
 
 
 def write_checkpoint(directory: Path, seed: int = 0) -> torch.nn.Module:
-    """A contract checkpoint dir (model.pt, config.json, state.pt) of a tiny finetune classifier; returns the model."""
-    cfg = apply_overrides(recipes.get("finetune_tiny"), TINY)
+    """A contract checkpoint dir (model.pt, config.json, state.pt, manifest.json) of a tiny finetune classifier without
+    EMA; returns the model."""
+    return write_ema_checkpoint(directory, seed, ema=False)[0]
+
+
+def write_ema_checkpoint(directory: Path, seed: int = 0, ema: bool = True) -> tuple[torch.nn.Module, ...]:
+    """Like train/checkpoint.py writes it: with EMA on, model.pt = EMA weights and state.pt["model"] = raw weights.
+
+    Returns (raw model, EMA model) (EMA model None without EMA).
+    """
+    cfg = apply_overrides(recipes.get("finetune_tiny"), TINY + [f"optim.ema_decay={0.99 if ema else 'none'}"])
     torch.manual_seed(seed)
-    model = models.build_model(cfg.model, "finetune").eval()
+    raw = models.build_model(cfg.model, "finetune").eval()
+    ema_model = models.build_model(cfg.model, "finetune").eval() if ema else None  # other random weights
     directory.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), directory / "model.pt")
+    deployed = ema_model if ema else raw
+    torch.save(deployed.state_dict(), directory / "model.pt")
     (directory / "config.json").write_text(json.dumps(cfg.to_dict()))
-    torch.save({"step": 1}, directory / "state.pt")
-    return model
+    state = {"model": raw.state_dict(), "ema": ema_model.state_dict() if ema else None, "step": 1}
+    torch.save(state, directory / "state.pt")
+    write_manifest(directory)
+    return raw, ema_model
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +83,7 @@ def test_register_creates_versions_aliases_and_tags(tmp_path, sqlite_uri):
     tags = v2.tags
     assert tags["recipe"] == "finetune_tiny" and tags["timm_model"] == "arm_tiny_pz4" and tags["task"] == "finetune"
     assert float(tags["val_acc1"]) == 80.25 and tags["note"] == "second"
+    assert tags["weights"] == "raw" and float(tags["exported_acc1"]) == 80.25  # no EMA: model.pt is the raw model
     assert tags[registry.CHECKPOINT_URI_TAG] == str(tmp_path / "ck2")
     assert len(tags["source_run_id"]) == 32 and v2.run_id == tags["source_run_id"]
     assert v2.source.startswith(tmp_path.as_uri())  # artifacts next to the sqlite db, not under the cwd
@@ -99,7 +114,7 @@ def test_register_from_run_id_uses_its_checkpoint_tag_and_metrics(tmp_path, sqli
     client.log_metric(run.info.run_id, "val_acc1", 64.0)
     version = registry.register_checkpoint(run.info.run_id, "from-run", tracking_uri=sqlite_uri)
     assert version.run_id == run.info.run_id and float(version.tags["val_acc1"]) == 64.0
-    logged = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, f"{registry.ARTIFACT_PATH}/ck")}
+    logged = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, f"{registry.ARTIFACT_PATH}/ck-raw")}
     assert logged == {"model.pt", "config.json"}
 
 
@@ -121,7 +136,7 @@ def test_unknown_model_alias_and_version_errors_list_what_exists(tmp_path, sqlit
 def test_checkpoint_without_model_pt_is_rejected(tmp_path, sqlite_uri):
     write_checkpoint(tmp_path / "ck")
     (tmp_path / "ck" / "model.pt").unlink()
-    with pytest.raises(ValueError, match="has no model.pt"):
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'ck' / 'model.pt'} is missing"):
         registry.register_checkpoint(str(tmp_path / "ck"), "arm-tiny", tracking_uri=sqlite_uri)
 
 
@@ -219,7 +234,7 @@ def test_registry_over_http_server_with_s3_artifacts(tmp_path, mlflow_server, s3
     from arm_platform import storage
 
     model = write_checkpoint(tmp_path / "ck")
-    for name in ("model.pt", "config.json", "state.pt"):
+    for name in ("model.pt", "config.json", "state.pt", "manifest.json"):
         storage.write_bytes_atomic(f"s3://arm/runs/ck/{name}", (tmp_path / "ck" / name).read_bytes())
     version = registry.register_checkpoint(
         "s3://arm/runs/ck", "arm-tiny", metrics={"val_acc1": 55.0}, tracking_uri=mlflow_server

@@ -1,4 +1,5 @@
-"""Data: shard ingest (`ingest`, `fashion_mnist`), the manifest, transforms and the Ray Data pipeline (`datasets`).
+"""Data: shard ingest (`ingest` scans trees / tars, `fashion_mnist` arrays; both feed `shards`, which encodes with
+`images`), the manifest and its pre-flight check (`manifest`), transforms and the Ray Data pipeline (`datasets`).
 
 `datasets` is the only module that imports Ray; import it explicitly (`from arm_platform.data import datasets`).
 """

@@ -22,6 +22,7 @@ from arm_platform import storage
 from arm_platform.config import DataConfig
 from arm_platform.data.manifest import Manifest, check_data_path, read_manifest
 from arm_platform.data.transforms import BatchTransform, Mode, normalize, random_erasing
+from arm_platform.data.watchdog import watch_stalls
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +146,9 @@ class BatchIterable:
     Args:
         reprob: finetune training only: timm random erasing probability (pixel mode), applied after normalising.
         local_shuffle_buffer_size: optional extra row shuffle on the worker (Ray's local shuffle buffer).
+        source: what the batches come from, named in stall warnings / errors (e.g. "train split of s3://b/imagenet").
+        stall_warn_s / stall_timeout_s: warn each time no batch arrived for this long; raise `DataStallError` after
+            the timeout (0: never), see `watchdog.watch_stalls`.
     """
 
     def __init__(
@@ -157,6 +161,9 @@ class BatchIterable:
         reprob: float = 0.0,
         local_shuffle_buffer_size: int | None = None,
         prefetch_batches: int = 2,
+        source: str = "dataset",
+        stall_warn_s: float = 60.0,
+        stall_timeout_s: float = 0.0,
     ) -> None:
         self.shard = shard
         self.batch_size = batch_size
@@ -166,6 +173,7 @@ class BatchIterable:
         self.local_shuffle_buffer_size = local_shuffle_buffer_size
         self.prefetch_batches = prefetch_batches
         self.num_corrupt = 0
+        self.source, self.stall_warn_s, self.stall_timeout_s = source, stall_warn_s, stall_timeout_s
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         erase = random_erasing(self.reprob, self.device) if self.reprob > 0 else None
@@ -177,6 +185,7 @@ class BatchIterable:
             local_shuffle_buffer_size=self.local_shuffle_buffer_size,
             pin_memory=self.device.type == "cuda",
         )
+        batches = watch_stalls(batches, source=self.source, warn_s=self.stall_warn_s, timeout_s=self.stall_timeout_s)
         for batch in batches:
             images, labels = batch["image"], batch["label"]
             ok = labels >= 0

@@ -13,8 +13,8 @@ import numpy as np
 
 from arm_platform import recipes
 from arm_platform.config import DataConfig
-from arm_platform.data.ingest import ArrayItem, Item, ingest
 from arm_platform.data.manifest import Manifest
+from arm_platform.data.shards import ArrayItem, Item, ingest
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]

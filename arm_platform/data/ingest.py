@@ -1,336 +1,205 @@
-"""Convert images into Parquet shards + manifest on a local folder or s3://bucket/prefix.
+"""Convert an ImageFolder tree or a tar of one into Parquet shards + manifest on a local folder or s3://bucket/prefix.
 
-Sources: an ImageFolder tree (``<src>/<split>/<class>/<image>``), an uncompressed .tar of one, or in-memory arrays
-(Fashion-MNIST). Items are shuffled once with a fixed seed (so shards mix classes), packed into shards of about
-`shard_size_mb` by source size, and written in parallel processes. Each shard is verified (every image fully decoded;
-unreadable ones are skipped and counted), written atomically, and followed by a small completion record under
-``_ingest/``; a re-run skips shards whose record, plan hash and on-storage sha256 all match, so an interrupted job
-resumes where it stopped. The manifest is written last.
+Sources: an ImageFolder tree (``<src>/<split>/<class>/<image>``) or an uncompressed .tar of one
+(``[prefix/]<split>/<class>/<image>``); Fashion-MNIST arrays come from `fashion_mnist`. This module scans a source
+into items; `shards.ingest` writes them (shuffled, packed, verified, resumable, atomic; see there).
+
+What the scan does with bad input (nothing it refuses is ever written):
+- Tar members whose path is absolute or has a ".." segment (even one that resolves inside) are rejected: counted
+  and listed in the manifest's ``rejected``, with a warning. "." segments are dropped ("./train/..." is fine).
+- Split and class names must be UTF-8 text: a folder / member whose split or class name is not is rejected (tar)
+  or rejected as a whole folder (ImageFolder). Hidden split / class folders (".ipynb_checkpoints") are ignored with
+  a warning, like non-image files.
+- Image files that cannot be used by name or stat (file name not valid UTF-8, symlink loop, dangling symlink, no
+  permission) are skipped, counted and listed in their shard's ``skipped_keys`` (with a printable key, undecodable
+  bytes as ``\\xNN``), exactly like files that do not decode.
+- Empty class folders are kept in ``classes`` (with a warning): label ids are the sorted class folders of the train
+  split, so they do not shift when a class happens to have no images in this copy, and every split of the same tree
+  uses the same ids. Tars have no folders of their own, so their classes are the ones holding images.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import hashlib
-import io
-import json
 import logging
 import os
-import random
 import tarfile
-from collections.abc import Iterable
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-from PIL import Image
-
-from arm_platform import storage
+from arm_platform import recipes, security
 from arm_platform.config import DataConfig
-from arm_platform.data.manifest import Manifest, ShardInfo, write_manifest
+from arm_platform.data import fashion_mnist
+from arm_platform.data.images import to_rgb_jpeg
+from arm_platform.data.manifest import Manifest
+from arm_platform.data.shards import (
+    SCHEMA,
+    ArrayItem,
+    FileItem,
+    Item,
+    TarItem,
+    UnreadableItem,
+    build_shard,
+    ingest,
+    plan_shards,
+)
 
 logger = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 """torchvision ImageFolder's extensions; other files are ignored (not counted as unreadable)."""
-SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("class_name", pa.string()), ("key", pa.string())])
-DICTIONARY_COLUMNS = ["label", "class_name"]
-"""Columns with few distinct values; the rest are written plain."""
-MAX_SKIPPED_KEYS = 100
-"""Keys of unreadable images kept per shard in the manifest (the count is always exact)."""
+NOT_UTF8 = "file name is not valid UTF-8"
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# items: one source image each; picklable so shards can be built in worker processes
+@dataclass(slots=True)
+class Scan:
+    """What a source holds: class names (label = index), items per split, and the entries refused."""
+
+    classes: list[str]
+    items: dict[str, list[Item]]
+    rejected: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True, slots=True)
-class FileItem:
-    key: str
-    label: int
-    path: str
-    size: int
-
-    def load(self) -> bytes:
-        with open(self.path, "rb") as f:
-            return f.read()
-
-
-@dataclass(frozen=True, slots=True)
-class TarItem:
-    key: str
-    label: int
-    tar_path: str
-    offset: int
-    size: int
-
-    def load(self) -> bytes:
-        with open(self.tar_path, "rb") as f:
-            f.seek(self.offset)
-            return f.read(self.size)
-
-
-@dataclass(frozen=True, slots=True)
-class ArrayItem:
-    key: str
-    label: int
-    pixels: bytes
-    """Raw uint8 pixels, (H, W) grayscale or (H, W, 3) RGB."""
-    shape: tuple[int, ...]
-
-    @property
-    def size(self) -> int:
-        return len(self.pixels)
-
-    def load(self) -> np.ndarray:
-        return np.frombuffer(self.pixels, dtype=np.uint8).reshape(self.shape)
-
-
-Item = FileItem | TarItem | ArrayItem
-
-
-def to_rgb_jpeg(payload: bytes | np.ndarray, quality: int) -> bytes | None:
-    """RGB JPEG bytes of an encoded image or a pixel array; None if unreadable.
-
-    RGB JPEGs are kept byte for byte (after a full decode to prove they are readable); anything else (PNG, CMYK or
-    grayscale JPEG, arrays) is converted to RGB and encoded at `quality`.
-    """
+def printable(name: str) -> tuple[str, bool]:
+    """(`name` with undecodable bytes as \\xNN, whether it was valid UTF-8); OS names carry them as surrogates."""
     try:
-        if isinstance(payload, np.ndarray):
-            img = Image.fromarray(payload)
-        else:
-            img = Image.open(io.BytesIO(payload))
-            img.load()
-            if img.format == "JPEG" and img.mode == "RGB":
-                return payload
-        out = io.BytesIO()
-        img.convert("RGB").save(out, format="JPEG", quality=quality)
-        return out.getvalue()
-    except Exception:  # noqa: BLE001 -- PIL raises many types for bad data; an unreadable image is counted, not fatal
-        return None
+        name.encode("utf-8")
+        return name, True
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), False
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# scanning sources
-
-
-def _split_classes(pairs: Iterable[tuple[str, str]]) -> list[str]:
-    """Sorted class names of the "train" split (all splits when there is none)."""
-    pairs = list(pairs)
-    train = {c for s, c in pairs if s == "train"}
-    return sorted(train or {c for _, c in pairs})
-
-
-def _check_classes(classes: list[str], pairs: Iterable[tuple[str, str]], src: str) -> None:
-    unknown = sorted({f"{s}/{c}" for s, c in pairs if c not in set(classes)})
+def _classes(class_dirs: dict[str, list[str]], used: set[tuple[str, str]], src: str) -> list[str]:
+    """Sorted class folders of the "train" split (all splits when there is none); ValueError if another split
+    holds images of a class the train split lacks; a warning for every empty class folder."""
+    train = class_dirs.get("train")
+    classes = sorted(set(train) if train is not None else {c for cs in class_dirs.values() for c in cs})
+    unknown = sorted({f"{s}/{c}" for s, c in used if c not in set(classes)})
     if unknown:
         raise ValueError(f"{src}: class folders missing from the train split: {', '.join(unknown[:5])}")
+    empty = [f"{s}/{c}" for s, cs in sorted(class_dirs.items()) for c in cs if (s, c) not in used]
+    if empty:
+        logger.warning(
+            "%s: %d class folders hold no images: %s; kept in classes so label ids stay stable",
+            src,
+            len(empty),
+            ", ".join(empty[:10]),
+        )
+    return classes
 
 
-def scan_image_folder(src: str) -> tuple[list[str], dict[str, list[Item]]]:
-    """(classes, {split: items}) of an ImageFolder tree <src>/<split>/<class>/<image>."""
+def _subdirs(folder: str, rejected: list[str], src: str) -> list[str]:
+    """Sorted usable subfolder names of `folder`; non-UTF-8 ones go to `rejected`, hidden ones are ignored."""
+    names = []
+    for entry in os.scandir(folder):
+        try:
+            is_dir = entry.is_dir()
+        except OSError:  # a symlink loop: not a folder
+            is_dir = False
+        text, ok = printable(os.path.relpath(entry.path, src))
+        if not is_dir:
+            continue
+        if not ok:
+            logger.warning("%s: folder %s is not valid UTF-8: rejected", src, text)
+            rejected.append(text)
+        elif entry.name.startswith("."):
+            logger.warning("%s: hidden folder %s ignored", src, text)
+        else:
+            names.append(entry.name)
+    return sorted(names)
+
+
+def _file_item(src: str, path: str, label: int) -> Item:
+    """A FileItem, or an UnreadableItem when the name is not UTF-8 or the file cannot be stat'ed."""
+    key, ok = printable(os.path.relpath(path, src).replace(os.sep, "/"))
+    if not ok:
+        return UnreadableItem(key=key, label=label, reason=NOT_UTF8)
+    try:
+        size = os.stat(path).st_size
+    except OSError as err:  # symlink loop, dangling symlink, no permission
+        return UnreadableItem(key=key, label=label, reason=err.strerror or str(err))
+    return FileItem(key=key, label=label, path=path, size=size)
+
+
+def scan_image_folder(src: str) -> Scan:
+    """Classes, items and rejected entries of an ImageFolder tree <src>/<split>/<class>/<image> (module docstring)."""
     if not os.path.isdir(src):
         raise ValueError(f"--src {src!r} is not a folder or .tar")
+    rejected: list[str] = []
+    class_dirs: dict[str, list[str]] = {}
     found: list[tuple[str, str, str]] = []  # (split, class, path)
-    for split in sorted(e.name for e in os.scandir(src) if e.is_dir()):
-        for cls in sorted(e.name for e in os.scandir(os.path.join(src, split)) if e.is_dir()):
-            folder = os.path.join(src, split, cls)
-            for root, _, names in os.walk(folder):
+    for split in _subdirs(src, rejected, src):
+        class_dirs[split] = _subdirs(os.path.join(src, split), rejected, src)
+        for cls in class_dirs[split]:
+            for root, _, names in os.walk(os.path.join(src, split, cls)):
                 found += [(split, cls, os.path.join(root, n)) for n in names if n.lower().endswith(IMG_EXTENSIONS)]
     if not found:
         raise ValueError(f"{src}: no images found; expected <split>/<class>/<image> (e.g. train/n01440764/x.JPEG)")
-    classes = _split_classes((s, c) for s, c, _ in found)
-    _check_classes(classes, ((s, c) for s, c, _ in found), src)
+    classes = _classes(class_dirs, {(s, c) for s, c, _ in found}, src)
     index = {c: i for i, c in enumerate(classes)}
     items: dict[str, list[Item]] = {}
     for split, cls, path in found:
-        key = os.path.relpath(path, src).replace(os.sep, "/")
-        items.setdefault(split, []).append(FileItem(key=key, label=index[cls], path=path, size=os.path.getsize(path)))
-    return classes, items
+        items.setdefault(split, []).append(_file_item(src, path, index[cls]))
+    return Scan(classes, items, rejected)
 
 
-def scan_tar(src: str) -> tuple[list[str], dict[str, list[Item]]]:
-    """(classes, {split: items}) of an uncompressed tar of an ImageFolder tree ([prefix/]<split>/<class>/<image>)."""
+def _tar_members(src: str) -> tuple[list[tuple[str, str, tarfile.TarInfo]], list[str]]:
+    """([(split, class, member)] of the image files in the tar, rejected member names)."""
     try:
         tar = tarfile.open(src, mode="r:")
     except tarfile.ReadError as err:
         raise ValueError(f"{src}: not an uncompressed tar ({err}); extract compressed archives first") from err
     found: list[tuple[str, str, tarfile.TarInfo]] = []
+    rejected: list[str] = []
     with tar:
         for member in tar:
-            parts = member.name.split("/")
-            if member.isfile() and len(parts) >= 3 and parts[-1].lower().endswith(IMG_EXTENSIONS):
-                found.append((parts[-3], parts[-2], member))
-    if not found:
+            segments = [s for s in member.name.split("/") if s not in ("", ".")]
+            if not member.isfile() or not segments or not segments[-1].lower().endswith(IMG_EXTENSIONS):
+                continue
+            text, _ = printable(member.name)
+            if not security.is_inside(member.name):
+                rejected.append(text)
+            elif len(segments) >= 3 and all(printable(s)[1] for s in segments[-3:-1]):
+                found.append((segments[-3], segments[-2], member))
+            elif len(segments) >= 3:
+                rejected.append(text)
+    if rejected:
+        logger.warning("%s: %d members rejected (path escapes or name not UTF-8): %s", src, len(rejected), rejected[:5])
+    return found, rejected
+
+
+def scan_tar(src: str) -> Scan:
+    """Classes, items and rejected members of an uncompressed tar of an ImageFolder tree ([prefix/]<split>/<class>/
+    <image>); see the module docstring."""
+    members, rejected = _tar_members(src)
+    hidden = sorted({f"{s}/{c}" for s, c, _ in members if s.startswith(".") or c.startswith(".")})
+    if hidden:
+        logger.warning("%s: hidden folders ignored: %s", src, ", ".join(hidden[:10]))
+    members = [(s, c, m) for s, c, m in members if not (s.startswith(".") or c.startswith("."))]
+    if not members:
         raise ValueError(f"{src}: no images found; expected [prefix/]<split>/<class>/<image> members")
-    classes = _split_classes((s, c) for s, c, _ in found)
-    _check_classes(classes, ((s, c) for s, c, _ in found), src)
+    class_dirs: dict[str, list[str]] = {}
+    for split, cls, _ in members:
+        class_dirs.setdefault(split, []).append(cls)
+    classes = _classes(class_dirs, {(s, c) for s, c, _ in members}, src)
     index = {c: i for i, c in enumerate(classes)}
     items: dict[str, list[Item]] = {}
-    for split, cls, m in found:
-        key = "/".join(m.name.split("/")[-3:])
-        items.setdefault(split, []).append(
-            TarItem(key=key, label=index[cls], tar_path=os.path.abspath(src), offset=m.offset_data, size=m.size)
+    tar_path = os.path.abspath(src)
+    for split, cls, m in members:
+        key, ok = printable("/".join([s for s in m.name.split("/") if s not in ("", ".")][-3:]))
+        item: Item = (
+            TarItem(key=key, label=index[cls], tar_path=tar_path, offset=m.offset_data, size=m.size)
+            if ok
+            else UnreadableItem(key=key, label=index[cls], reason=NOT_UTF8)
         )
-    return classes, items
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# planning and writing shards
-
-
-@dataclass(frozen=True, slots=True)
-class ShardTask:
-    output: str
-    split: str
-    index: int
-    items: tuple[Item, ...]
-    classes: tuple[str, ...]
-    jpeg_quality: int
-
-    @property
-    def path(self) -> str:
-        return f"{self.split}/part-{self.index:05d}.parquet"
-
-    @property
-    def record_uri(self) -> str:
-        return storage.join(self.output, "_ingest", self.split, f"part-{self.index:05d}.json")
-
-    @property
-    def plan(self) -> str:
-        """Hash of what this shard will contain, so a resumed run never reuses a shard planned differently."""
-        h = hashlib.sha256(f"{self.jpeg_quality}|{len(self.classes)}".encode())
-        for item in self.items:
-            h.update(f"|{item.key}:{item.label}:{item.size}".encode())
-        return h.hexdigest()
-
-
-def plan_shards(items: list[Item], shard_size_mb: float, seed: int) -> list[list[Item]]:
-    """Shuffle `items` with `seed` (stable across runs) and pack them into shards of about `shard_size_mb`."""
-    if shard_size_mb <= 0:
-        raise ValueError(f"shard_size_mb must be positive, got {shard_size_mb}")
-    order = sorted(items, key=lambda it: it.key)
-    random.Random(seed).shuffle(order)
-    limit = shard_size_mb * 2**20
-    shards: list[list[Item]] = [[]]
-    total = 0
-    for item in order:
-        if shards[-1] and total + item.size > limit:
-            shards.append([])
-            total = 0
-        shards[-1].append(item)
-        total += item.size
-    return shards if shards[0] else []
-
-
-def _existing_record(task: ShardTask) -> ShardInfo | None:
-    """The completion record of a previous run if its shard is still intact (same plan, same sha256)."""
-    try:
-        info = ShardInfo(**json.loads(storage.read_bytes(task.record_uri)))
-        if info.plan != task.plan:
-            return None
-        data = storage.read_bytes(storage.join(task.output, task.path))
-    except (FileNotFoundError, ValueError, TypeError):
-        return None
-    return info if hashlib.sha256(data).hexdigest() == info.sha256 else None
-
-
-def build_shard(task: ShardTask) -> tuple[ShardInfo, bool]:
-    """Write one shard (unless a previous run already did); returns (its info, whether it was written now)."""
-    done = _existing_record(task)
-    if done is not None:
-        return done, False
-    columns: dict[str, list] = {"image": [], "label": [], "class_name": [], "key": []}
-    skipped: list[str] = []
-    for item in task.items:
-        try:
-            data = to_rgb_jpeg(item.load(), task.jpeg_quality)
-        except OSError:
-            data = None
-        if data is None:
-            skipped.append(item.key)
-            continue
-        columns["image"].append(data)
-        columns["label"].append(item.label)
-        columns["class_name"].append(task.classes[item.label])
-        columns["key"].append(item.key)
-    buf = io.BytesIO()
-    # JPEG bytes are already compressed and unique: no codec, no dictionary (dictionary-encoded blobs read ~7x slower).
-    pq.write_table(pa.table(columns, schema=SCHEMA), buf, compression="none", use_dictionary=DICTIONARY_COLUMNS)
-    data = buf.getvalue()
-    storage.write_bytes_atomic(storage.join(task.output, task.path), data)
-    info = ShardInfo(
-        path=task.path,
-        rows=len(columns["key"]),
-        bytes=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
-        skipped=len(skipped),
-        skipped_keys=skipped[:MAX_SKIPPED_KEYS],
-        plan=task.plan,
-    )
-    storage.write_bytes_atomic(task.record_uri, json.dumps(dataclasses.asdict(info)).encode())
-    if skipped:
-        logger.warning("%s: skipped %d unreadable images (e.g. %s)", task.path, len(skipped), skipped[0])
-    return info, True
-
-
-def ingest(
-    items: dict[str, list[Item]], classes: list[str], output: str, cfg: DataConfig, *, dataset: str = "", seed: int = 0
-) -> Manifest:
-    """Write every split of `items` as shards under `output`, then the manifest; returns the manifest.
-
-    Uses `cfg.shard_size_mb`, `cfg.num_parallel` (processes; 1 runs inline) and `cfg.jpeg_quality`.
-    """
-    tasks = [
-        ShardTask(
-            output=output,
-            split=split,
-            index=i,
-            items=tuple(shard),
-            classes=tuple(classes),
-            jpeg_quality=cfg.jpeg_quality,
-        )
-        for split in sorted(items)
-        for i, shard in enumerate(plan_shards(items[split], cfg.shard_size_mb, seed))
-    ]
-    workers = min(cfg.num_parallel or os.cpu_count() or 1, max(len(tasks), 1))
-    logger.info(
-        "ingest: %d images -> %d shards at %s with %d processes",
-        sum(len(v) for v in items.values()),
-        len(tasks),
-        output,
-        workers,
-    )
-    if workers == 1:
-        results = [build_shard(t) for t in tasks]
-    else:
-        with ProcessPoolExecutor(max_workers=workers, initializer=storage.reset_clients) as pool:
-            results = list(pool.map(build_shard, tasks))
-    shards: dict[str, list[ShardInfo]] = {split: [] for split in sorted(items)}
-    for task, (info, _) in zip(tasks, results, strict=True):
-        shards[task.split].append(info)
-    written = sum(w for _, w in results)
-    manifest = Manifest(root=output, classes=list(classes), shards=shards, dataset=dataset)
-    uri = write_manifest(manifest)
-    logger.info(
-        "ingest: wrote %d shards, reused %d; %s images, %s skipped; manifest %s",
-        written,
-        len(results) - written,
-        manifest.counts,
-        manifest.skipped,
-        uri,
-    )
-    return manifest
+        items.setdefault(split, []).append(item)
+    return Scan(classes, items, rejected)
 
 
 def ingest_folder(src: str, output: str, cfg: DataConfig) -> Manifest:
     """ImageFolder tree or uncompressed .tar of one -> shards + manifest at `output` (folder or s3:// URI)."""
-    scan = scan_tar if src.endswith(".tar") else scan_image_folder
-    classes, items = scan(src)
-    return ingest(items, classes, output, cfg, dataset=os.path.basename(os.path.normpath(src)))
+    scan = (scan_tar if src.endswith(".tar") else scan_image_folder)(src)
+    dataset = printable(os.path.basename(os.path.normpath(src)))[0]
+    return ingest(scan.items, scan.classes, output, cfg, dataset=dataset, rejected=scan.rejected)
 
 
 def main(argv: list[str] | None = None) -> Manifest:
@@ -348,9 +217,6 @@ def main(argv: list[str] | None = None) -> Manifest:
     overrides = {"shard_size_mb": args.shard_size_mb, "num_parallel": args.num_parallel}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.dataset == "fashion-mnist":
-        from arm_platform import recipes
-        from arm_platform.data import fashion_mnist
-
         cfg = DataConfig(**{"shard_size_mb": recipes.FASHION_MNIST_SHARD_MB, **overrides})
         return fashion_mnist.prepare(args.output or recipes.FASHION_MNIST_SHARDS, cfg, args.limit_per_split)
     if not args.output:
@@ -359,14 +225,18 @@ def main(argv: list[str] | None = None) -> Manifest:
 
 
 __all__ = [
+    "SCHEMA",
     "ArrayItem",
     "FileItem",
+    "Scan",
     "TarItem",
+    "UnreadableItem",
     "build_shard",
     "ingest",
     "ingest_folder",
     "main",
     "plan_shards",
+    "printable",
     "scan_image_folder",
     "scan_tar",
     "to_rgb_jpeg",

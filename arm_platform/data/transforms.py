@@ -7,8 +7,8 @@ Three pipelines, following the official ARM code (see shared/reference/arm_spec.
   use PIL's filter (outputs within +-2 of PIL) at 2-3x PIL's speed;
 - finetune: timm ``create_transform(is_training=True, auto_augment=..., interpolation="bicubic")`` in prefetcher mode
   (PIL ops -> uint8 CHW); its random erasing needs normalised pixels, so it runs on the device (`random_erasing`);
-- eval: Resize((eval_resize, eval_resize)) (both sides, as the official finetune code) -> CenterCrop(input_size),
-  on uint8 tensors as pretrain.
+- eval: Resize((r, r)) (both sides, as the official finetune code) -> CenterCrop(input_size), on uint8 tensors as
+  pretrain; r = `DataConfig.effective_eval_resize` (input / 0.875 by default: 224 -> 256, 192 -> 219, 32 -> 37).
 Normalisation with the ImageNet mean / std happens on the training device (`normalize`), so CPU workers ship uint8.
 """
 
@@ -166,7 +166,7 @@ def image_fn(cfg: DataConfig, mode: Mode) -> ImageFn:
     if mode == "finetune":
         return finetune_image_fn(cfg)
     if mode == "eval":
-        return eval_image_fn(cfg.input_size, cfg.eval_resize, cfg.interpolation)
+        return eval_image_fn(cfg.input_size, cfg.effective_eval_resize, cfg.interpolation)
     raise ValueError(f"unknown transform mode {mode!r}; valid: pretrain, finetune, eval")
 
 

@@ -190,19 +190,30 @@ class ARMPretrain(nn.Module):
 
     @torch.no_grad()
     def predict_images(self, imgs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher-forced next-cluster predictions as images, in the input's normalised space.
+        """Teacher-forced next-cluster predictions beside the targets they are scored against, as images.
 
-        Predictions are un-normalised with each true patch's mean/std; cluster 0 (never predicted) is the input.
+        Both live in the loss's per-patch-normalised space and are drawn with ONE batch-level brightness / contrast
+        (the mean over the batch of the true patches' means / stds), never each true patch's own statistics, so the
+        picture shows only what the model predicts: a constant predictor draws the same patch everywhere. Cluster 0
+        (context, never predicted) is the input in both.
+
+        Args:
+            imgs: (B, C, H, W) normalised.
 
         Returns:
-            (pred_imgs (B, C, H, W), imgs (B, C, H, W)).
+            (pred_imgs, target_imgs), each (B, C, H, W) in the input's normalised space.
         """
         pred = self.forward(imgs)["pred"].float()
         patches = self.target_patches(imgs).float()
-        _, mean, std = normalize_patches(patches[:, self.cluster_len :])
-        out = torch.cat([patches[:, : self.cluster_len], pred * std + mean], dim=1)
-        out = unpatchify(from_clusters(out, self.cfg.cluster_size), self.cfg.patch_size, self.cfg.in_chans)
-        return out.to(imgs.dtype), imgs
+        target, mean, std = normalize_patches(patches[:, self.cluster_len :])
+        shift, scale = mean.mean(), std.mean()
+
+        def draw(normalised: torch.Tensor) -> torch.Tensor:
+            out = torch.cat([patches[:, : self.cluster_len], normalised * scale + shift], dim=1)
+            out = unpatchify(from_clusters(out, self.cfg.cluster_size), self.cfg.patch_size, self.cfg.in_chans)
+            return out.to(imgs.dtype)
+
+        return draw(pred), draw(target)
 
     def embed(self, imgs: torch.Tensor) -> torch.Tensor:
         """Global feature for kNN probing: encoder over ALL clusters, last tap's norm, mean pool. -> (B, embed_dim)."""

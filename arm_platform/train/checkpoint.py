@@ -1,16 +1,20 @@
 """Save / load a full training state to a directory (what Ray Train uploads as one checkpoint).
 
 Files: `state.pt` (model, ema, optimizer, scaler, schedule, step, epoch, RNG), `model.pt` (plain state_dict of the
-model to deploy: the EMA copy when EMA is on) and `config.json` (TrainConfig.to_dict()). Each file is written to a
-temporary name and renamed. Everything loads with `torch.load(..., weights_only=True)`.
+model to deploy: the EMA copy when EMA is on), `config.json` (TrainConfig.to_dict()) and, written last,
+`manifest.json` (sizes + sha256 of the others, see `integrity.py`). Each file is written to a temporary name and
+renamed. A folder that does not verify against its manifest is refused with `CheckpointError` naming the file.
+Everything loads with `torch.load(..., weights_only=True)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from arm_platform.security import redact
+from arm_platform.train.integrity import MANIFEST_FILE, CheckpointError, verify_checkpoint, write_manifest
 from arm_platform.train.schedule import Schedule
 from arm_platform.train.tasks import unwrap
 
@@ -94,8 +100,9 @@ def save_checkpoint(
     _atomic_torch_save(state, out / STATE_FILE)
     _atomic_torch_save(ema_sd if ema_sd is not None else model_sd, out / MODEL_FILE)
     tmp = out / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
+    tmp.write_text(json.dumps(redact(config), indent=2, sort_keys=True))
     os.replace(tmp, out / CONFIG_FILE)
+    write_manifest(out)
     return out
 
 
@@ -108,11 +115,19 @@ def load_checkpoint(
     ema: nn.Module | None = None,
     restore_rng: bool = True,
 ) -> dict[str, int]:
-    """Restore what `save_checkpoint` wrote into the given objects; returns {"step", "epoch"}."""
+    """Restore what `save_checkpoint` wrote into the given objects; returns {"step", "epoch"}.
+
+    Raises:
+        CheckpointError: the folder does not verify against its manifest (the message names the file).
+    """
     path = Path(directory) / STATE_FILE
+    verify_checkpoint(str(directory), deep=True)
     if not path.is_file():
-        raise ValueError(f"checkpoint {directory} has no {STATE_FILE}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        raise CheckpointError(f"checkpoint {directory} has no {STATE_FILE}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+        raise CheckpointError(f"{path} cannot be loaded: {err}") from err
     unwrap(model).load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -133,11 +148,15 @@ def load_config(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def pretrained_source(source: str) -> str:
-    """The weights file behind a `--finetune` value: a run checkpoint folder (its model.pt) or a file / s3:// URI."""
+    """The weights file behind a `--finetune` value: a run checkpoint folder (its model.pt) or a file / s3:// URI.
+
+    A checkpoint folder must verify against its manifest (sizes here; the sha256 of model.pt when it is read).
+    """
     from arm_platform import storage
 
     inner = storage.join(source, MODEL_FILE)
-    if storage.exists(inner):
+    if storage.exists(inner) or storage.exists(storage.join(source, MANIFEST_FILE)):
+        verify_checkpoint(source, deep=False)
         return inner
     if not storage.exists(source):
         raise ValueError(f"finetune checkpoint {source!r} does not exist")
@@ -152,5 +171,13 @@ def load_pretrained_weights(model: nn.Module, source: str) -> tuple[list[str], l
     from arm_platform import storage
     from arm_platform.models.convert import load_pretrained
 
-    data = io.BytesIO(storage.read_bytes(pretrained_source(source)))
-    return load_pretrained(model, data)
+    uri = pretrained_source(source)
+    raw = storage.read_bytes(uri)
+    if uri != source:  # a checkpoint folder: the bytes must be the ones its manifest describes
+        expected = verify_checkpoint(source, deep=False)["files"][MODEL_FILE]["sha256"]
+        if hashlib.sha256(raw).hexdigest() != expected:
+            raise CheckpointError(f"{uri} does not match its sha256 in {MANIFEST_FILE}")
+    try:
+        return load_pretrained(model, io.BytesIO(raw))
+    except (RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as err:
+        raise ValueError(f"cannot load pretrained weights from {uri}: {err}") from err

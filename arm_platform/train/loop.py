@@ -1,7 +1,7 @@
 """Per-worker Ray Train loop: the only per-rank Ray code (dataset shards, prepare_model, report + checkpoint).
 
 `train_loop_per_worker(config)` receives `launch.loop_config(...)`: {"cfg": TrainConfig.to_dict(), "run_name",
-"run_uri", "steps_per_epoch", "tracking_uri", "artifact_location", "fault"}. It resumes from
+"run_uri", "steps_per_epoch", "tracking_uri", "artifact_location", "fault", "hold"}. It resumes from
 `ray.train.get_checkpoint()` (worker restarts and re-runs of the same experiment), checkpoints every
 `checkpoint.every_n_steps` optimizer steps and at every epoch end (world rank 0 writes the checkpoint; all ranks
 call `ray.train.report`, which is a barrier).
@@ -24,13 +24,21 @@ import torch
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.utils import ModelEmaV3
 
-from arm_platform import ops
+from arm_platform import ops, storage
 from arm_platform.config import TrainConfig, flatten
 from arm_platform.data.datasets import iter_batches
 from arm_platform.models import build_model
+from arm_platform.security import install_log_redaction
 from arm_platform.tracking import NullTracker, build_tracker
 from arm_platform.train.checkpoint import load_checkpoint, load_pretrained_weights, save_checkpoint
 from arm_platform.train.engine import evaluate, sum_over_workers, train_one_epoch
+from arm_platform.train.integrity import (
+    CheckpointError,
+    download,
+    free_checkpoint_name,
+    list_checkpoints,
+    newest_verified,
+)
 from arm_platform.train.knn import extract_features, knn_accuracy
 from arm_platform.train.optim import build_optimizer
 from arm_platform.train.schedule import Schedule, build_schedule
@@ -39,14 +47,12 @@ from arm_platform.train.tasks import build_task, unwrap
 log = logging.getLogger(__name__)
 
 FAULT_ENV = "ARM_FAULT_INJECT"
+HOLD_ENV = "ARM_HOLD_AT"
+"""Test hook, "<step>:<release file>": every rank writes "<release file>.held-<rank>" and waits at that optimizer step
+until the release file exists (a node-loss test removes a node while the workers wait there)."""
 """Test hook, "<step>:<marker file>": the last rank raises once at that optimizer step (launch copies it here)."""
 
 NUM_VIS_IMAGES = 8
-
-
-def checkpoint_dir_name(step: int) -> str:
-    """Deterministic checkpoint folder name inside the run directory."""
-    return f"checkpoint_{step:09d}"
 
 
 class _Run:
@@ -57,6 +63,8 @@ class _Run:
         self.run_name: str = config["run_name"]
         self.spe: int = config["steps_per_epoch"]
         self.fault: str | None = config.get("fault")
+        self.hold: str | None = config.get("hold")
+        self.resume_from: str = config.get("resume_from") or ""
         self.run_uri: str = config["run_uri"]
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
@@ -77,22 +85,44 @@ class _Run:
         model = build_model(cfg.model, cfg.task)
         if cfg.model.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
             model.set_grad_checkpointing(True)
-        checkpoint = ray.train.get_checkpoint()
+        checkpoint = ray.train.get_checkpoint() or self._resume_checkpoint()
         if cfg.task == "finetune" and cfg.finetune and checkpoint is None:
             load_pretrained_weights(model, cfg.finetune)
         model.to(self.device)
         self.ema = ModelEmaV3(model, decay=cfg.optim.ema_decay) if cfg.optim.ema_decay else None
         self.optimizer = build_optimizer(model, cfg.optim, cfg.task)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)  # bf16 needs no loss scaling
-        step = 0
-        if checkpoint is not None:
-            with checkpoint.as_directory() as directory:
-                step = load_checkpoint(
-                    directory, model=model, optimizer=self.optimizer, scaler=self.scaler, ema=self.ema
-                )["step"]
-            log.info("rank %d resumed from step %d", self.rank, step)
+        step = self._restore(checkpoint, model) if checkpoint is not None else 0
         self.model = ray.train.torch.prepare_model(model)
         self.task = build_task(cfg, self.model)
+        return step
+
+    def _resume_checkpoint(self) -> ray.train.Checkpoint | None:
+        """Official --resume: launch's checkpoint folder, used only while this run has no checkpoint of its own."""
+        if not self.resume_from:
+            return None
+        fs, path = storage.filesystem_for(self.resume_from)
+        return ray.train.Checkpoint(path, filesystem=fs)
+
+    def _restore(self, checkpoint: ray.train.Checkpoint, model: torch.nn.Module) -> int:
+        """Load Ray's latest checkpoint; if it does not verify, the newest one in the run folder that does."""
+        objects = {"model": model, "optimizer": self.optimizer, "scaler": self.scaler, "ema": self.ema}
+        try:
+            with checkpoint.as_directory() as directory:
+                step = load_checkpoint(directory, **objects)["step"]
+            log.info("rank %d resumed from step %d", self.rank, step)
+            return step
+        except CheckpointError as err:
+            bad = Path(checkpoint.path).name
+            good, rejected = newest_verified(self.run_uri, skip=(bad,))
+            for name, reason in [(bad, str(err)), *rejected]:
+                log.warning("rank %d skips checkpoint %s: %s", self.rank, name, reason)
+            if good is None:
+                raise CheckpointError(f"no checkpoint of {self.run_uri} verifies; last error: {err}") from err
+        with tempfile.TemporaryDirectory(prefix="arm-resume-") as tmp:
+            download(good.uri, tmp)
+            step = load_checkpoint(tmp, **objects)["step"]
+        log.info("rank %d resumed from step %d (%s)", self.rank, step, good.name)
         return step
 
     def start_tracking(self, tracking_uri: str | None, artifact_location: str | None) -> None:
@@ -116,6 +146,7 @@ class _Run:
 
     # ---------------------------------------------------------------- per step
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        self._maybe_hold(step)
         self._maybe_fail(step)
         every = self.cfg.tracking.log_every_n_steps
         if every and step % every == 0:
@@ -144,6 +175,17 @@ class _Run:
                 _duration(eta),
             )
 
+    def _maybe_hold(self, step: int) -> None:
+        if not self.hold:
+            return
+        at, release = self.hold.split(":", 1)
+        if step != int(at) or Path(release).exists():
+            return
+        Path(f"{release}.held-{self.rank}").write_text(str(step))
+        log.info("rank %d holds at step %d until %s exists (%s)", self.rank, step, release, HOLD_ENV)
+        while not Path(release).exists():
+            time.sleep(0.1)
+
     def _maybe_fail(self, step: int) -> None:
         if not self.fault or self.rank != self.world - 1:
             return
@@ -171,10 +213,11 @@ class _Run:
                 ema=self.ema,
                 schedule=self.schedule,
             )
-            name = checkpoint_dir_name(step)
+            name = free_checkpoint_name(self.run_uri, step)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
         self.tracker.set_tag(f"checkpoint.step_{step:09d}", self._checkpoint_uri(name))
         self.tracker.set_tag("checkpoint.latest", self._checkpoint_uri(name))
+        self.tracker.prune_checkpoint_tags({f.uri for f in list_checkpoints(self.run_uri)})
 
     def _checkpoint_uri(self, name: str) -> str:
         return f"{self.run_uri.rstrip('/')}/{name}"
@@ -195,7 +238,14 @@ class _Run:
         return out
 
     def _val_batches(self, name: str = "val"):
-        return iter_batches(ray.train.get_dataset_shard(name), self.cfg.optim.batch_size, self.device, drop_last=False)
+        shard = ray.train.get_dataset_shard(name)
+        return iter_batches(shard, self.cfg.optim.batch_size, self.device, drop_last=False, **self.stall_limits(name))
+
+    def stall_limits(self, name: str) -> dict[str, Any]:
+        """Data-outage watchdog settings for the dataset `name` (see data.watchdog)."""
+        data = self.cfg.data
+        source = f"the {name} dataset of {data.data_path}"
+        return {"source": source, "stall_warn_s": data.stall_warn_s, "stall_timeout_s": data.stall_timeout_s}
 
     def _eval_classifier(self) -> dict[str, float]:
         dist_eval = self.cfg.data.dist_eval and self.world > 1
@@ -251,6 +301,7 @@ def _denormalize(x: torch.Tensor) -> torch.Tensor:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point (one call per worker)."""
     logging.basicConfig(level=os.environ.get("ARM_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s: %(message)s")
+    install_log_redaction()
     run = _Run(config)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
     step = run.build()
@@ -264,7 +315,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for epoch in range(step // run.spe, cfg.optim.epochs):
             remaining = (epoch + 1) * run.spe - step
             reprob = cfg.data.reprob if cfg.task == "finetune" else 0.0
-            batches = iter_batches(train_shard, cfg.optim.batch_size, run.device, drop_last=True, reprob=reprob)
+            batches = iter_batches(
+                train_shard,
+                cfg.optim.batch_size,
+                run.device,
+                drop_last=True,
+                reprob=reprob,
+                **run.stall_limits("train"),
+            )
             stats = train_one_epoch(
                 run.task,
                 batches,

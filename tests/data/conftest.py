@@ -1,9 +1,8 @@
-"""Data test fixtures: a generated ImageFolder tree (with planted unreadable files), a moto S3 server on loopback,
-and one module-scoped local Ray cluster (started after the S3 env is set, so Ray workers inherit it)."""
+"""Data test fixtures: a generated ImageFolder tree (with planted unreadable files) and one module-scoped local Ray
+cluster, started after the S3 env of `s3_bucket` (a moto server, tests/conftest.py) so Ray workers inherit it."""
 
 import io
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -61,37 +60,6 @@ def image_folder(tmp_path_factory) -> tuple[str, dict[str, int]]:
 def folder_spec() -> dict:
     """What `image_folder` contains: class names (sorted), their colours, the planted unreadable keys."""
     return {"classes": sorted(CLASS_COLORS), "colors": CLASS_COLORS, "unreadable": UNREADABLE}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_bucket():
-    """A bucket on a moto S3 server on 127.0.0.1, with the standard AWS env vars pointing at it."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-    }
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        mp.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-        from arm_platform import storage
-
-        storage.s3_client().create_bucket(Bucket="arm-data")
-        yield "arm-data"
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ import ast
 import importlib
 from pathlib import Path
 
+import kernel_shim
 import pytest
 import torch
 
@@ -116,7 +117,7 @@ def test_forcing_missing_kernel_raises_with_install_hint(monkeypatch):
     monkeypatch.setattr(_kernels, "load_kernels", lambda: (None, "ImportError: no selective_scan_cuda"))
     inputs = make_inputs()
     ops.set_backend("kernel")
-    with pytest.raises(RuntimeError, match="MAMBA_KEEP_CUDA_BUILD=TRUE pip install mamba-ssm"):
+    with pytest.raises(RuntimeError, match=r"FORCE_BUILD=TRUE pip install mamba-ssm==\S+ causal-conv1d=="):
         ops.selective_scan(*inputs)
     with pytest.raises(RuntimeError, match="no selective_scan_cuda"):
         ops.active_backend("cpu")
@@ -124,6 +125,8 @@ def test_forcing_missing_kernel_raises_with_install_hint(monkeypatch):
     monkeypatch.setenv("ARM_OPS_BACKEND", "kernel")
     with pytest.raises(RuntimeError, match="MAMBA_KEEP_CUDA_BUILD"):
         ops.selective_scan(*inputs)
+    for dist, version in kernel_shim.pinned_versions().items():  # the hint names pyproject's gpu pins
+        assert f"{dist}=={version}" in _kernels.INSTALL_HINT
     ops.set_backend("ref")  # overrides the env var and always works
     assert ops.active_backend("cuda") == "ref"
     assert ops.selective_scan(*inputs).shape == (2, 5, 9)

@@ -15,6 +15,7 @@ from arm_platform.train.checkpoint import (
     save_checkpoint,
 )
 from arm_platform.train.engine import train_one_epoch
+from arm_platform.train.integrity import MANIFEST_FILE
 from arm_platform.train.optim import build_optimizer
 from arm_platform.train.schedule import Schedule
 from arm_platform.train.tasks import build_task
@@ -37,7 +38,7 @@ def test_resume_gives_identical_next_step(tmp_path, finetune_model, small_cfg, s
     save_checkpoint(
         tmp_path, model=model, optimizer=opt, step=2, epoch=0, config=cfg.to_dict(), ema=ema, schedule=SCHEDULE
     )
-    assert {p.name for p in tmp_path.iterdir()} == {STATE_FILE, MODEL_FILE, CONFIG_FILE}
+    assert {p.name for p in tmp_path.iterdir()} == {STATE_FILE, MODEL_FILE, CONFIG_FILE, MANIFEST_FILE}
     reference = copy.deepcopy(model)
     ref_opt = build_optimizer(reference, cfg.optim, "finetune")
     ref_opt.load_state_dict(opt.state_dict())

@@ -2,6 +2,7 @@
 a restarted run re-attaches to the same MLflow run; secrets never become params."""
 
 import mlflow
+import pytest
 import torch
 
 from arm_platform.tracking import (
@@ -17,9 +18,34 @@ from arm_platform.tracking import (
 def test_default_uri_is_sqlite_in_storage_unless_env_set(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert default_tracking_uri(str(tmp_path)) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
-    assert default_tracking_uri("s3://bucket/runs") is None
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     assert default_tracking_uri(str(tmp_path)) == "http://mlflow:5000"
+    assert default_tracking_uri("s3://bucket/runs") == "http://mlflow:5000"
+
+
+def test_remote_storage_without_tracking_uri_is_refused(monkeypatch):
+    """MLflow's own default would be a sqlite file in the job's temporary working directory: lost at job end."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(ValueError, match=r"s3://bucket/runs is remote but no MLflow tracking URI.*MLFLOW_TRACKING_URI"):
+        default_tracking_uri("s3://bucket/runs")
+
+
+def test_pruned_checkpoint_tags_are_deleted(tmp_path):
+    from arm_platform.tracking import prune_checkpoint_tags
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    for step in (4, 6, 8):
+        client.set_tag(run_id, f"checkpoint.step_{step:09d}", f"s3://b/run/checkpoint_{step:09d}")
+    client.set_tag(run_id, "checkpoint.latest", "s3://b/run/checkpoint_000000008")
+    gone = prune_checkpoint_tags(client, run_id, {"s3://b/run/checkpoint_000000006", "s3://b/run/checkpoint_000000008"})
+    assert gone == ["checkpoint.step_000000004"]
+    tags = client.get_run(run_id).data.tags
+    assert {k for k in tags if k.startswith("checkpoint.")} == {
+        "checkpoint.step_000000006",
+        "checkpoint.step_000000008",
+        "checkpoint.latest",
+    }
 
 
 def test_secrets_are_not_params():

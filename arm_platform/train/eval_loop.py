@@ -1,0 +1,45 @@
+"""Ray Train entry of the official `--eval`: top-1 / top-5 of one checkpoint on the val split, no training."""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+
+from arm_platform import storage
+from arm_platform.config import TrainConfig
+from arm_platform.data.datasets import iter_batches
+from arm_platform.models import build_model
+from arm_platform.models.convert import load_checkpoint_state
+from arm_platform.train.checkpoint import pretrained_source
+from arm_platform.train.engine import evaluate
+
+
+def load_eval_weights(model: torch.nn.Module, source: str) -> None:
+    """A run checkpoint folder's model.pt (verified against its manifest) or an official finetuned checkpoint-N.pth."""
+    uri = pretrained_source(source)
+    model.load_state_dict(load_checkpoint_state(io.BytesIO(storage.read_bytes(uri))))
+
+
+def eval_loop_per_worker(config: dict[str, Any]) -> None:
+    """Reports val_acc1 / acc5 / loss / count (the val split across workers, counts summed); config: cfg, checkpoint."""
+    cfg = TrainConfig.from_dict(config["cfg"])
+    device = ray.train.torch.get_device()
+    model = build_model(cfg.model, "finetune")
+    load_eval_weights(model, config["checkpoint"])
+    model.to(device)
+    batches = iter_batches(ray.train.get_dataset_shard("val"), cfg.optim.batch_size, device, drop_last=False)
+    stats = evaluate({"model": model}, batches, precision=cfg.precision, distributed=True)["model"]
+    metrics = {f"val_{k}": v for k, v in stats.items()}
+    with tempfile.TemporaryDirectory(prefix="arm-eval-") as tmp:  # Ray Train V2 keeps metrics only with a checkpoint
+        checkpoint = None
+        if ray.train.get_context().get_world_rank() == 0:
+            Path(tmp, "eval.json").write_text(json.dumps({"checkpoint": config["checkpoint"], **metrics}))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
