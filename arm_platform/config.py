@@ -295,7 +295,7 @@ class TrackingConfig:
 
     def __post_init__(self) -> None:
         _require(self.linear_probe_l2 >= 0, f"linear_probe_l2 must be >= 0, got {self.linear_probe_l2}")
-        _require(self.linear_probe_max_iter >= 1, f"linear_probe_max_iter must be >= 1, got {self.linear_probe_max_iter}")
+        _require(self.linear_probe_max_iter >= 1, f"linear_probe_max_iter must be >= 1: {self.linear_probe_max_iter}")
         if self.experiment_name is not None:  # an MLflow name, never a storage path: "/Users/me/x" is allowed
             validate_name(self.experiment_name, "tracking.experiment_name", allow_slash=True)
 

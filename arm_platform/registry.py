@@ -167,10 +167,6 @@ def _find_version(
     client: MlflowClient, name: str, checkpoint_uri: str, run_id: str | None, sha: str
 ) -> ModelVersion | None:
     """The version of `name` already made from this checkpoint (or run) with this exact model.pt, if any."""
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        return None
     for version in client.search_model_versions(f"name='{name}' and tags.{SHA_TAG} = '{sha}'"):
         same_source = version.tags.get(CHECKPOINT_URI_TAG, "") == checkpoint_uri
         if same_source and (checkpoint_uri or version.tags.get("source_run_id") == run_id):

@@ -32,20 +32,41 @@ from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from arm_platform import launch, recipes, registry, storage, sweep_tracking
+from arm_platform import launch, recipes, storage, sweep_tracking
 from arm_platform.config import TrainConfig, apply_overrides
 from arm_platform.search_space import build_param_space
 from arm_platform.security import validate_name
-from arm_platform.sweep_tracking import SWEEP_TAG, TRIAL_TAG, start_parent_run, start_trial_run, trial_run_id
-from arm_platform.tracking import default_tracking_uri
+from arm_platform.sweep_tracking import (
+    CHECKPOINT_PATH_KEY,
+    METRIC,
+    SWEEP_TAG,
+    TRIAL_TAG,
+    best_trial,
+    checkpoint_uri,
+    register_best,
+    scored,
+    start_parent_run,
+    start_trial_run,
+    tracking_uri_for,
+)
+from arm_platform.train.integrity import repair_run
 
-__all__ = ["SWEEP_TAG", "TRIAL_TAG", "best_trial", "register_best", "start_parent_run", "start_trial_run", "tune"]
+__all__ = [
+    "METRIC",
+    "SWEEP_TAG",
+    "TRIAL_TAG",
+    "best_trial",
+    "checkpoint_uri",
+    "register_best",
+    "scored",
+    "start_parent_run",
+    "start_trial_run",
+    "tune",
+]
 
 logger = logging.getLogger(__name__)
 
-METRIC, MODE = "sweep_acc1", "max"
-"""What ASHA and `best_trial` rank by: max(val_acc1, val_ema_acc1) of a report (added to every report)."""
-RAW_METRIC, EMA_METRIC = "val_acc1", "val_ema_acc1"
+MODE = "max"
 TRIAL_DRIVER_CPUS = 0.1
 """CPU reserved by each trial's driver process (it only waits on its TorchTrainer)."""
 READ_METADATA_TASK_CPUS = 1.0
@@ -55,8 +76,6 @@ num_cpus, i.e. Ray's default 1 CPU; the parallel file-size fetch for >= 16 remot
 waits for them, so one must fit next to the other trials' reservations."""
 TRIAL_START_TIMEOUT_S = 900.0
 """Bound on each wait of a trial for cluster resources (Ray Data planning, Train worker placement)."""
-CHECKPOINT_PATH_KEY = "checkpoint_path"
-"""Metric key TuneReportCallback adds with the storage path of the reported checkpoint (no scheme for S3)."""
 FAULT_ENV = "ARM_SWEEP_FAULT_INJECT"
 """Test hook, a marker file path: the first trial to start its workers gets its driver SIGKILLed, once."""
 
@@ -101,19 +120,6 @@ def _describe(need: Mapping[str, float]) -> str:
 
 # --------------------------------------------------------------------------------------------------------------------
 # trial driver
-
-
-def scored(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """`metrics` plus METRIC = max(val_acc1, val_ema_acc1) when the report carries val metrics."""
-    out = dict(metrics)
-    values = [float(out[k]) for k in (RAW_METRIC, EMA_METRIC) if _is_number(out.get(k))]
-    if values:
-        out[METRIC] = max(values)
-    return out
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
 
 
 class ReportToTune(TuneReportCallback):
@@ -172,6 +178,7 @@ def train_driver_fn(
     cfg = dataclasses.replace(apply_overrides(TrainConfig.from_dict(base), overrides), experiment_name=name)
     plan = launch.validate(cfg)
     start_trial_run(tracking_uri, experiment, parent_run_id, sweep_name, trial_id, plan.run_name, cfg)
+    repair_run(plan.run_uri)  # a retried / resumed trial restarts from its newest checkpoint that verifies
     callbacks = [ReportToTune(plan.total_steps)] + ([KillDriverAtWorkerStart(os.getpid(), fault)] if fault else [])
     trainer = _within(
         start_timeout_s,
@@ -181,6 +188,7 @@ def train_driver_fn(
     )
     _bound_worker_start(trainer, start_timeout_s)
     result = trainer.fit()
+    launch.sync_checkpoint_tags(plan.run_uri, plan.run_name, tracking_uri)  # no tags of checkpoints Train pruned
     metrics = dict(result.metrics or {})
     if metrics.get("step") == plan.total_steps and result.checkpoint is not None:  # the report held back
         ray.tune.report(scored({**metrics, CHECKPOINT_PATH_KEY: result.checkpoint.path}))
@@ -194,7 +202,7 @@ def _within(timeout_s: float, what: str, fn: Callable[[], Any]) -> Any:
     try:
         return future.result(timeout=timeout_s)
     except concurrent.futures.TimeoutError:
-        free = _describe(ray.available_resources())
+        free = _describe(ray.available_resources()) if ray.is_initialized() else "unknown (Ray not initialised)"
         raise TimeoutError(
             f"{what} within {timeout_s:g} s; free now: {free or 'nothing'}. Another trial (or a dead one's leftover "
             "placement group) holds the cluster: see `ray list placement-groups`"
@@ -256,7 +264,7 @@ def tune(
     param_space = build_param_space(space, cfg)
     if use_optuna and any(isinstance(s, tuple) and s and s[0] == "grid" for s in space.values()):
         raise ValueError("Optuna search cannot take grid entries; use choice instead")
-    tracking_uri = _tracking_uri(cfg)
+    tracking_uri = tracking_uri_for(cfg)
     experiment = cfg.tracking.experiment_name or cfg.recipe
     root, _ = _sweep_path(cfg, sweep_name)
     base = dataclasses.replace(
@@ -303,10 +311,6 @@ def tune(
 
 def _failed_log(root: str, sweep_name: str) -> str:
     return storage.join(root, f"{sweep_name}-trials", sweep_tracking.FAILED_TRIALS_FILE)
-
-
-def _tracking_uri(cfg: TrainConfig) -> str:
-    return cfg.tracking.tracking_uri or default_tracking_uri(cfg.storage_path) or registry.resolve_tracking_uri()
 
 
 def _tuner(
@@ -395,72 +399,3 @@ def _finish(tracking_uri: str, parent_run_id: str, results: ray.tune.ResultGrid,
         best = None
     uri = best["checkpoint_uri"] if best else ""
     sweep_tracking.finish_parent_run(tracking_uri, parent_run_id, best, failed=failed, best_uri=uri)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# results
-
-
-def checkpoint_uri(path: str) -> str:
-    """Storage URI of a checkpoint path Tune / Train report: local paths are absolute, S3 ones "bucket/key"."""
-    return path if path.startswith(("/", "s3://")) else f"s3://{path}"
-
-
-def best_trial(results: ray.tune.ResultGrid) -> dict[str, Any]:
-    """The best report with a checkpoint that still verifies, over every trial's history, by max(raw, EMA) top-1.
-
-    Returns {"trial_id", "score" (= METRIC), "weights" ("raw" | "ema": which weights scored it), "val_acc1",
-    "checkpoint_path", "checkpoint_uri", "metrics" (that report's numeric metrics), "config"}. Reports whose
-    checkpoint Train pruned (or that fails its manifest) are skipped with a warning.
-    """
-    from arm_platform.train.checkpoint import CheckpointError, verify_checkpoint
-
-    # ties (tiny runs often score alike) go to the later checkpoint path: the same pick on every call and resume
-    candidates = sorted(_candidates(results), key=lambda c: (c["score"], c["checkpoint_uri"]), reverse=True)
-    for best in candidates:
-        try:
-            verify_checkpoint(best["checkpoint_uri"], deep=False)
-        except (CheckpointError, FileNotFoundError) as err:
-            logger.warning("skipping trial %s's checkpoint: %s", best["trial_id"], err)
-            continue
-        return best
-    raise ValueError(f"no trial reported {RAW_METRIC!r} together with a checkpoint that still exists")
-
-
-def _candidates(results: ray.tune.ResultGrid):  # noqa: ANN202 (generator of dicts)
-    for result in results:
-        frame = result.metrics_dataframe
-        if frame is None or RAW_METRIC not in frame or CHECKPOINT_PATH_KEY not in frame:
-            continue
-        for _, row in frame[frame[RAW_METRIC].notna() & frame[CHECKPOINT_PATH_KEY].notna()].iterrows():
-            metrics = {k: float(v) for k, v in row.items() if _is_number(v)}
-            ema = metrics.get(EMA_METRIC, -math.inf)
-            yield {
-                "trial_id": str((result.metrics or {}).get("trial_id", row.get("trial_id"))),
-                "score": max(metrics[RAW_METRIC], ema),
-                "weights": "ema" if ema >= metrics[RAW_METRIC] else "raw",
-                RAW_METRIC: metrics[RAW_METRIC],
-                "checkpoint_path": row[CHECKPOINT_PATH_KEY],
-                "checkpoint_uri": checkpoint_uri(row[CHECKPOINT_PATH_KEY]),
-                "metrics": metrics,
-                "config": dict(result.config),
-            }
-
-
-def register_best(
-    results: ray.tune.ResultGrid, cfg: TrainConfig, name: str, *, aliases: tuple[str, ...] = ("champion",)
-):  # noqa: ANN201 (ModelVersion)
-    """Register the sweep's best checkpoint with the weights that scored it (idempotent: a re-run returns it)."""
-    best = best_trial(results)
-    tracking_uri = _tracking_uri(cfg)
-    run_id = trial_run_id(tracking_uri, cfg.tracking.experiment_name or cfg.recipe, best["trial_id"])
-    return registry.register_checkpoint(
-        best["checkpoint_uri"],
-        name,
-        aliases=aliases,
-        metrics={k: v for k, v in best["metrics"].items() if k.startswith("val_")},
-        run_id=run_id,
-        tracking_uri=tracking_uri,
-        tags={"trial_id": best["trial_id"]},
-        weights=best["weights"],
-    )

@@ -1,5 +1,5 @@
-"""Bookkeeping of a Tune sweep: the sweep's MLflow parent run, one nested run per trial, honest end states, and the
-record of trials that failed for good.
+"""Bookkeeping of a Tune sweep: MLflow parent / trial runs and their honest end states, the record of trials that
+failed for good, and the sweep's results (the best report, registering it). `sweep.py` keeps the Tune orchestration.
 
 The sweep driver creates (or, on resume, finds) a parent run tagged `arm.sweep_name`; each trial driver creates a child
 run tagged `mlflow.parentRunId`, `arm.trial_id` and `arm.run_name` (= its Ray Train run name), which the Train loop's
@@ -8,12 +8,15 @@ closed here: `TrialRunCloser` (a Tune callback on the sweep driver) marks a tria
 trial early (ASHA) and FAILED when the trial errored for good (its driver died, or Train gave up), and
 `finish_parent_run` logs the best trial on the parent and closes it. `FailedTrialLog` keeps the ids of trials that
 failed for good in storage, so a resumed sweep does not re-run them (see `sweep._mark_failed_in_saved_state`).
+Trials are ranked by `sweep_acc1` = max(val_acc1, val_ema_acc1) of each report; `register_best` exports the weights
+that scored it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,13 +25,18 @@ import ray.tune
 
 from arm_platform import registry, storage
 from arm_platform.config import TrainConfig, flatten
-from arm_platform.tracking import RUN_NAME_TAG, safe_params
+from arm_platform.tracking import RUN_NAME_TAG, default_tracking_uri, safe_params
 
 logger = logging.getLogger(__name__)
 
 SWEEP_TAG, TRIAL_TAG = "arm.sweep_name", "arm.trial_id"
 PARENT_TAG = "mlflow.parentRunId"
 RUNNING = "RUNNING"
+METRIC = "sweep_acc1"
+"""What ASHA and `best_trial` rank by: max(val_acc1, val_ema_acc1) of a report (added to every report)."""
+RAW_METRIC, EMA_METRIC = "val_acc1", "val_ema_acc1"
+CHECKPOINT_PATH_KEY = "checkpoint_path"
+"""Metric key TuneReportCallback adds with the storage path of the reported checkpoint (no scheme for S3)."""
 
 
 def experiment_id(client, name: str) -> str:  # noqa: ANN001 (MlflowClient)
@@ -186,3 +194,90 @@ def abort_parent_run(tracking_uri: str, parent_run_id: str) -> None:
         registry.connect(tracking_uri).set_terminated(parent_run_id, status="KILLED")
     except Exception as err:  # noqa: BLE001 (never mask the original error)
         logger.warning("could not close the sweep's parent run %s: %s", parent_run_id, err)
+
+
+def tracking_uri_for(cfg: TrainConfig) -> str:
+    """The config's URI, else $MLFLOW_TRACKING_URI, else sqlite next to local storage (ValueError for s3:// storage)."""
+    return cfg.tracking.tracking_uri or default_tracking_uri(cfg.storage_path)
+
+
+def scored(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """`metrics` plus METRIC = max(val_acc1, val_ema_acc1) when the report carries val metrics."""
+    out = dict(metrics)
+    values = [float(out[k]) for k in (RAW_METRIC, EMA_METRIC) if _is_number(out.get(k))]
+    if values:
+        out[METRIC] = max(values)
+    return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# results: the best report and its registration
+
+
+def checkpoint_uri(path: str) -> str:
+    """Storage URI of a checkpoint path Tune / Train report: local paths are absolute, S3 ones "bucket/key"."""
+    return path if path.startswith(("/", "s3://")) else f"s3://{path}"
+
+
+def best_trial(results: ray.tune.ResultGrid) -> dict[str, Any]:
+    """The best report with a checkpoint that still verifies, over every trial's history, by max(raw, EMA) top-1.
+
+    Returns {"trial_id", "score" (= METRIC), "weights" ("raw" | "ema": which weights scored it), "val_acc1",
+    "checkpoint_path", "checkpoint_uri", "metrics" (that report's numeric metrics), "config"}. Reports whose
+    checkpoint Train pruned (or that fails its manifest) are skipped with a warning.
+    """
+    from arm_platform.train.checkpoint import CheckpointError, verify_checkpoint
+
+    # ties (tiny runs often score alike) go to the later checkpoint path: the same pick on every call and resume
+    candidates = sorted(_candidates(results), key=lambda c: (c["score"], c["checkpoint_uri"]), reverse=True)
+    for best in candidates:
+        try:
+            verify_checkpoint(best["checkpoint_uri"], deep=False)
+        except (CheckpointError, FileNotFoundError) as err:
+            logger.warning("skipping trial %s's checkpoint: %s", best["trial_id"], err)
+            continue
+        return best
+    raise ValueError(f"no trial reported {RAW_METRIC!r} together with a checkpoint that still exists")
+
+
+def _candidates(results: ray.tune.ResultGrid):  # noqa: ANN202 (generator of dicts)
+    for result in results:
+        frame = result.metrics_dataframe
+        if frame is None or RAW_METRIC not in frame or CHECKPOINT_PATH_KEY not in frame:
+            continue
+        for _, row in frame[frame[RAW_METRIC].notna() & frame[CHECKPOINT_PATH_KEY].notna()].iterrows():
+            metrics = {k: float(v) for k, v in row.items() if _is_number(v)}
+            ema = metrics.get(EMA_METRIC, -math.inf)
+            yield {
+                "trial_id": str((result.metrics or {}).get("trial_id", row.get("trial_id"))),
+                "score": max(metrics[RAW_METRIC], ema),
+                "weights": "ema" if ema >= metrics[RAW_METRIC] else "raw",
+                RAW_METRIC: metrics[RAW_METRIC],
+                "checkpoint_path": row[CHECKPOINT_PATH_KEY],
+                "checkpoint_uri": checkpoint_uri(row[CHECKPOINT_PATH_KEY]),
+                "metrics": metrics,
+                "config": dict(result.config),
+            }
+
+
+def register_best(
+    results: ray.tune.ResultGrid, cfg: TrainConfig, name: str, *, aliases: tuple[str, ...] = ("champion",)
+):  # noqa: ANN201 (ModelVersion)
+    """Register the sweep's best checkpoint with the weights that scored it (idempotent: a re-run returns it)."""
+    best = best_trial(results)
+    tracking_uri = tracking_uri_for(cfg)
+    run_id = trial_run_id(tracking_uri, cfg.tracking.experiment_name or cfg.recipe, best["trial_id"])
+    return registry.register_checkpoint(
+        best["checkpoint_uri"],
+        name,
+        aliases=aliases,
+        metrics={k: v for k, v in best["metrics"].items() if k.startswith("val_")},
+        run_id=run_id,
+        tracking_uri=tracking_uri,
+        tags={"trial_id": best["trial_id"]},
+        weights=best["weights"],
+    )

@@ -4,7 +4,10 @@ ImageFolder + DataLoader on the same images, same pretrain augment, same number 
     python benchmarks/data.py --images 3000 --cores 2 --input-size 192
 
 A third, reference row runs a DataLoader with the Ray pipeline's own per-image kernels (libjpeg-turbo decode + uint8
-tensor resize, 2-3x PIL's speed), so the table separates the kernels' gain from Ray's overhead.
+tensor resize, 2-3x PIL's speed), so the table separates the kernels' gain from Ray's overhead. The row
+"ray data, local, OMP_NUM_THREADS=<cores>" runs the local pipeline with that variable exported to its decode tasks
+(as scripts/test.sh and many users do): the tasks size torch's threads from decode_cpus, so it should match the
+plain local row (before they did, it fell to 0.53x torchvision).
 
 Images: a generated ImageNet-like ImageFolder (JPEGs of 300-500 px, 10 classes) or --src an existing one.
 Both pipelines produce ImageNet-normalised float batches (B, 3, S, S) in this process, as a training loop consumes
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import shutil
 import statistics
@@ -115,11 +119,22 @@ def kernel_loader_epochs(root: str, cfg: DataConfig, batch_size: int, workers: i
     return epoch
 
 
-def ray_epochs(data_path: str, cfg: DataConfig, batch_size: int) -> Callable[[], int]:
-    """One-epoch runner over the Ray Data pipeline (build_datasets(...)["train"] + iter_batches)."""
+def ray_epochs(data_path: str, cfg: DataConfig, batch_size: int, omp_threads: int | None = None) -> Callable[[], int]:
+    """One-epoch runner over the Ray Data pipeline (build_datasets(...)["train"] + iter_batches).
+
+    omp_threads: run the decode tasks with OMP_NUM_THREADS exported to that value (a runtime_env), as when a user or
+    scripts/test.sh exports it before `ray.init`: the tasks must still size their threads from decode_cpus.
+    """
     from arm_platform.data import datasets
 
-    ds = datasets.build_datasets(dataclasses.replace(cfg, data_path=data_path), "pretrain")["train"]
+    cfg = dataclasses.replace(cfg, data_path=data_path)
+    if omp_threads is None:
+        ds = datasets.build_datasets(cfg, "pretrain")["train"]
+    else:
+        manifest = datasets.read_manifest(data_path)
+        raw = datasets.read_shards(manifest.shard_uris("train"), manifest.counts["train"], cfg, shuffle_files=True)
+        env = {"env_vars": {"OMP_NUM_THREADS": str(omp_threads)}}
+        ds = datasets.decoded(raw, cfg, "pretrain", runtime_env=env)
 
     def epoch() -> int:
         return _consume(datasets.iter_batches(ds, batch_size, "cpu", drop_last=False))
@@ -212,12 +227,15 @@ def main() -> None:
         num_cpus=args.cores,
         include_dashboard=False,
         log_to_driver=False,
-        _system_config=ray_system_config(cfg, args.cores),
+        # the OMP_NUM_THREADS row's decode tasks run in a second worker pool (their own runtime_env): keep both warm
+        _system_config=ray_system_config(cfg, args.cores, train_workers=math.ceil(args.cores / args.decode_cpus)),
     )
     ray.data.DataContext.get_current().enable_progress_bars = False
     pipelines["torchvision ImageFolder+DataLoader"] = torchvision_epochs(src, cfg, args.batch_size, args.cores)
     pipelines["reference: DataLoader + ARM kernels"] = kernel_loader_epochs(src, cfg, args.batch_size, args.cores)
     pipelines["ray data, local parquet"] = ray_epochs(local, cfg, args.batch_size)
+    omp_row = f"ray data, local, OMP_NUM_THREADS={args.cores}"
+    pipelines[omp_row] = ray_epochs(local, cfg, args.batch_size, omp_threads=args.cores)
     if server is not None:
         pipelines["ray data, s3 parquet (moto)"] = ray_epochs(f"s3://{bucket}/shards", cfg, args.batch_size)
     rates: dict[str, list[float]] = {name: [] for name in pipelines}

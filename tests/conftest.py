@@ -60,3 +60,15 @@ def s3_bucket():
         yield "arm-data"
     storage.reset_clients()
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def fm_data(tmp_path_factory):
+    """512 train / 512 val real Fashion-MNIST images as local shards (the ingest writer)."""
+    from arm_platform.data import fashion_mnist
+
+    if fashion_mnist.find_root() is None:
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    out = tmp_path_factory.mktemp("fm")
+    fashion_mnist.prepare(str(out), limit_per_split=512)
+    return str(out)

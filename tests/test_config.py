@@ -37,7 +37,12 @@ def test_official_learning_rates_follow_the_mae_scaling_rule():
 def test_finetune_recipes_carry_the_official_regularisation():
     base = recipes.get("finetune_base")
     assert (base.optim.layer_decay, base.model.drop_path_rate, base.optim.ema_decay) == (0.65, 0.1, 0.99992)
-    assert (base.data.mixup, base.data.cutmix, base.data.reprob, base.data.effective_eval_resize) == (0.8, 1.0, 0.25, 256)
+    assert (base.data.mixup, base.data.cutmix, base.data.reprob, base.data.effective_eval_resize) == (
+        0.8,
+        1.0,
+        0.25,
+        256,
+    )
     assert base.model.img_size == 224 and base.optim.betas == (0.9, 0.999)
 
 

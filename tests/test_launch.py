@@ -7,23 +7,10 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from tiny import TINY
 
 from arm_platform import launch, recipes
 from arm_platform.train.loop import FAULT_ENV
-
-TINY = ["model.embed_dim=32", "model.depth=2", "model.decoder_dim=32", "model.decoder_head_dim=16"]
-
-
-@pytest.fixture(scope="module")
-def fm_data(tmp_path_factory):
-    """512 train / 512 val Fashion-MNIST images as shards (the DATA writer)."""
-    from arm_platform.data import fashion_mnist
-
-    if fashion_mnist.find_root() is None:
-        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-    out = tmp_path_factory.mktemp("fm")
-    fashion_mnist.prepare(str(out), limit_per_split=512)
-    return str(out)
 
 
 def _pretrain_args(data: str, storage: Path) -> list[str]:
@@ -79,6 +66,17 @@ def test_missing_finetune_checkpoint_and_foreign_run_fail_before_ray(fm_data, tm
     (run / launch.RUN_FILE).write_text(json.dumps({"config_hash": "0123456789", "finished": False}))
     with pytest.raises(ValueError, match="already holds a different config"):
         launch.fit(recipes.get("pretrain_tiny"), [*args, "--experiment_name", "exp"])
+    assert not ray.is_initialized()
+
+
+def test_s3_storage_without_a_tracking_uri_fails_before_ray(fm_data, monkeypatch):
+    """MLflow's default would be a sqlite file in the job's temporary working directory, lost when the job ends."""
+    import ray
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    args = ["--data_path", fm_data, "--output_dir", "s3://bucket/runs", "data.max_train_samples=256", *TINY]
+    with pytest.raises(ValueError, match="s3://bucket/runs is remote but no MLflow tracking URI"):
+        launch.fit(recipes.get("pretrain_tiny"), args)
     assert not ray.is_initialized()
 
 

@@ -10,25 +10,14 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from tiny import TINY
 
 from arm_platform import launch, recipes, storage
 from arm_platform.train import integrity
 from arm_platform.train.loop import HOLD_ENV
 
-TINY = ["model.embed_dim=32", "model.depth=2", "model.decoder_dim=32", "model.decoder_head_dim=16"]
 GUARD_S = 900
 """Upper bound of any wait below: reached only when something is broken (then the test fails instead of hanging)."""
-
-
-@pytest.fixture(scope="module")
-def fm_data(tmp_path_factory):
-    from arm_platform.data import fashion_mnist
-
-    if fashion_mnist.find_root() is None:
-        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-    out = tmp_path_factory.mktemp("fm")
-    fashion_mnist.prepare(str(out), limit_per_split=256)
-    return str(out)
 
 
 @pytest.fixture
@@ -77,8 +66,9 @@ def test_losing_a_worker_node_mid_run_resumes_to_the_exact_final_step(two_nodes,
         "--data_path", fm_data, "--output_dir", root, "--batch_size", "32", "--epochs", "2", "--warmup_epochs", "1",
         "--world_size", "2", "--experiment_name", "node-loss", "checkpoint.every_n_steps=2",
         "checkpoint.num_to_keep=none", "checkpoint.max_failures=2", "cluster.cpus_per_worker=0.6",
-        "data.decode_cpus=0.2", "data.max_val_samples=64", "tracking.vis_every_n_epochs=0",
-        "tracking.probe_every_n_epochs=0", "tracking.system_metrics=false", "tracking.log_every_n_steps=1",
+        "data.decode_cpus=0.2", "data.max_train_samples=256", "data.max_val_samples=64",
+        "tracking.vis_every_n_epochs=0", "tracking.probe_every_n_epochs=0", "tracking.system_metrics=false",
+        "tracking.log_every_n_steps=1",
         f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *TINY,
     ]  # fmt: skip
     outcome: dict = {}

@@ -102,3 +102,21 @@ def test_checkpoint_without_a_valid_manifest_is_refused_naming_the_file(tmp_path
     with pytest.raises(CheckpointError, match=f"checkpoint {tmp_path / 'ck'} has no manifest.json"):
         registry.register_checkpoint(str(tmp_path / "ck"), "arm-tiny", tracking_uri=sqlite_uri)
     assert registry.connect(sqlite_uri).search_registered_models() == []
+
+
+def test_pull_job_prints_the_exported_weights_or_one_error_line(tmp_path, sqlite_uri, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pull_job", Path(__file__).parents[1] / "jobs" / "pull_checkpoint.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    write_ema_checkpoint(tmp_path / "ck")
+    metrics = {"val_acc1": 12.5, "val_ema_acc1": 25.0}
+    registry.register_checkpoint(str(tmp_path / "ck"), "arm-tiny", metrics=metrics, tracking_uri=sqlite_uri)
+    args = ["--dst", str(tmp_path / "pulled"), "--tracking-uri", sqlite_uri]
+    assert job.main(["models:/arm-tiny@champion", *args]) == 0
+    summary = capsys.readouterr().out.splitlines()[-1]
+    assert summary.startswith("ARMClassifier arm_tiny_pz4") and summary.endswith("ema weights, top-1 25")
+    assert job.main(["models:/arm-tiny@nope", *args]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error == "pull_checkpoint: model 'arm-tiny' has no alias 'nope'; its aliases: @champion -> v1"

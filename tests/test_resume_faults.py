@@ -6,24 +6,11 @@ import json
 
 import mlflow
 import pytest
+from tiny import TINY
 
 from arm_platform import launch, recipes, storage
 from arm_platform.train import integrity
 from arm_platform.train.loop import FAULT_ENV
-
-TINY = ["model.embed_dim=32", "model.depth=2", "model.decoder_dim=32", "model.decoder_head_dim=16"]
-
-
-@pytest.fixture(scope="module")
-def fm_data(tmp_path_factory):
-    """256 train / 64 val Fashion-MNIST images as local shards."""
-    from arm_platform.data import fashion_mnist
-
-    if fashion_mnist.find_root() is None:
-        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-    out = tmp_path_factory.mktemp("fm")
-    fashion_mnist.prepare(str(out), limit_per_split=256)
-    return str(out)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +29,7 @@ def _args(data: str, storage_root: str, tracking_uri: str, max_failures: int) ->
         "--data_path", data, "--output_dir", storage_root, "--batch_size", "32", "--epochs", "2",
         "--warmup_epochs", "1", "--world_size", "2", "--experiment_name", "faulty",
         "checkpoint.every_n_steps=3", "checkpoint.num_to_keep=2", f"checkpoint.max_failures={max_failures}",
-        "cluster.cpus_per_worker=0.5", "data.decode_cpus=0.25", "data.max_val_samples=64",
+        "cluster.cpus_per_worker=0.5", "data.decode_cpus=0.25", "data.max_train_samples=256", "data.max_val_samples=64",
         "tracking.log_every_n_steps=2", "tracking.vis_every_n_epochs=0", "tracking.probe_every_n_epochs=2",
         "tracking.system_metrics=false", f"tracking.tracking_uri={tracking_uri}", *TINY,
     ]  # fmt: skip

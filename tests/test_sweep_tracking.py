@@ -100,3 +100,20 @@ def test_reports_carry_the_sweep_metric_and_the_final_one_waits_for_the_driver()
     report.after_report(None, [{"step": 8, "epoch": 2, "val_acc1": 30.0}], None)
     assert [m.get(sweep.METRIC) for m in sent] == [25.0, None] and [m["step"] for m in sent] == [4, 6]
     assert sweep.scored({"val_acc1": 30.0, "val_ema_acc1": float("nan")})[sweep.METRIC] == 30.0
+
+
+def test_trial_start_waits_are_bounded():
+    """Dataset planning that cannot get its CPUs fails with an error naming it; Train stops retrying worker placement
+    after about the same time (Ray's default: every 60 s, forever)."""
+    import threading
+
+    import ray.train
+
+    release = threading.Event()
+    with pytest.raises(TimeoutError, match="planning the datasets within 0.05 s; free now: "):
+        sweep._within(0.05, "planning the datasets", release.wait)
+    release.set()
+    trainer = SimpleNamespace(run_config=SimpleNamespace(failure_config=ray.train.FailureConfig(max_failures=3)))
+    sweep._bound_worker_start(trainer, 900.0)
+    failure = trainer.run_config.failure_config
+    assert (failure.controller_failure_limit, failure.max_failures) == (15, 3)  # 15 tries x 60 s, workers: untouched

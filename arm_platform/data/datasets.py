@@ -84,14 +84,22 @@ def read_shards(
     return ds if limit is None else ds.limit(limit)
 
 
-def decoded(ds: ray.data.Dataset, cfg: DataConfig, mode: Mode, seed: int | None = None) -> ray.data.Dataset:
-    """Decode + augment on CPU: rows become {"image": uint8 (3, S, S), "label": int64} (label -1: corrupt)."""
+def decoded(
+    ds: ray.data.Dataset, cfg: DataConfig, mode: Mode, seed: int | None = None, **ray_remote_args: Any
+) -> ray.data.Dataset:
+    """Decode + augment on CPU: rows become {"image": uint8 (3, S, S), "label": int64} (label -1: corrupt).
+
+    Each task reserves `cfg.decode_cpus` CPUs and runs torch on `transforms.threads_for(decode_cpus)` threads
+    (`BatchTransform` sets them), whatever OMP_NUM_THREADS the Ray workers inherited. `ray_remote_args` go to
+    `map_batches` (e.g. a runtime_env, as benchmarks/data.py does to export OMP_NUM_THREADS to the tasks).
+    """
     return ds.map_batches(
         BatchTransform(cfg, mode, seed),
         batch_size=cfg.decode_batch_size,
         batch_format="numpy",
         num_cpus=cfg.decode_cpus,
         udf_modifying_row_count=False,
+        **ray_remote_args,
     )
 
 

@@ -43,6 +43,25 @@ ImageFn = Callable[[Any, np.random.Generator], np.ndarray]
 _INTERP = ("bicubic", "bilinear", "nearest")
 
 
+def threads_for(cpus: float) -> int:
+    """Intra-op threads for a Ray task / actor holding `cpus` CPUs: max(1, floor(cpus)), never $OMP_NUM_THREADS.
+
+    Ray starts workers with the driver's environment, so an exported OMP_NUM_THREADS=2 gave each of eight 0.25-CPU
+    decode tasks two threads on 2 cores (measured 0.53x the throughput of one thread each).
+    """
+    return max(1, math.floor(cpus))
+
+
+def set_torch_threads(cpus: float) -> int:
+    """torch.set_num_threads(threads_for(cpus)) (a no-op when already set); returns the thread count."""
+    import torch
+
+    threads = threads_for(cpus)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
 def decode(data: bytes) -> Image.Image | None:
     """RGB PIL image from encoded bytes, or None when they cannot be decoded (corrupt record)."""
     try:
@@ -176,6 +195,7 @@ class BatchTransform:
 
     Records that fail to decode come out as a zero image with label -1 (dropped and counted by the consumer).
     Without a seed every call draws fresh entropy, so parallel workers never repeat each other's augmentations.
+    Each call sizes torch's threads from `decode_cpus` (the task's Ray CPUs), see `threads_for`.
     """
 
     def __init__(self, cfg: DataConfig, mode: Mode, seed: int | None = None) -> None:
@@ -183,8 +203,10 @@ class BatchTransform:
         self.decode = decode if mode == "finetune" else decode_tensor  # timm's RandAugment works on PIL images
         self.size = cfg.input_size
         self.seed = seed
+        self.cpus = cfg.decode_cpus
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        set_torch_threads(self.cpus)  # the task's Ray CPUs, not the inherited OMP_NUM_THREADS
         rng = np.random.default_rng(self.seed if self.seed is not None else secrets.randbits(64))
         n = len(batch["image"])
         images = np.zeros((n, 3, self.size, self.size), dtype=np.uint8)

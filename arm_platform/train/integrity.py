@@ -244,20 +244,16 @@ def _drop_from_ray_snapshot(run_uri: str, names: set[str]) -> None:
     if not storage.exists(uri):
         return
     snap = json.loads(storage.read_bytes(uri))
-    kept = [
-        (result, index)
-        for result, index in zip(snap["checkpoint_results"], snap["checkpoint_report_indices"], strict=True)
-        if result["checkpoint_dir_name"] not in names
-    ]
-    snap["checkpoint_results"] = [result for result, _ in kept]
-    snap["checkpoint_report_indices"] = [index for _, index in kept]
-    pending = [
-        (result, spec)
-        for result, spec in zip(snap["pending_training_results"], snap["pending_validation_specs"], strict=True)
-        if result["checkpoint_dir_name"] not in names
-    ]
-    snap["pending_training_results"] = [result for result, _ in pending]
-    snap["pending_validation_specs"] = [spec for _, spec in pending]
+    for results, paired in (
+        ("checkpoint_results", "checkpoint_report_indices"),
+        ("pending_training_results", "pending_validation_specs"),
+    ):
+        kept = [
+            (result, other)
+            for result, other in zip(snap[results], snap[paired], strict=True)
+            if result["checkpoint_dir_name"] not in names
+        ]
+        snap[results], snap[paired] = [r for r, _ in kept], [o for _, o in kept]
     for key in (
         "validated_checkpoint_dir_names",
         "timed_out_validation_checkpoint_dir_names",
@@ -266,5 +262,6 @@ def _drop_from_ray_snapshot(run_uri: str, names: set[str]) -> None:
         snap[key] = [name for name in snap.get(key, []) if name not in names]
     latest = snap.get("latest_checkpoint_result")
     if latest is not None and latest["checkpoint_dir_name"] in names:
-        snap["latest_checkpoint_result"] = max(kept, key=lambda pair: pair[1])[0] if kept else None
+        reported = list(zip(snap["checkpoint_results"], snap["checkpoint_report_indices"], strict=True))
+        snap["latest_checkpoint_result"] = max(reported, key=lambda pair: pair[1])[0] if reported else None
     storage.write_bytes_atomic(uri, json.dumps(snap).encode())

@@ -27,6 +27,7 @@ from timm.utils import ModelEmaV3
 from arm_platform import ops, storage
 from arm_platform.config import TrainConfig, flatten
 from arm_platform.data.datasets import iter_batches
+from arm_platform.data.transforms import set_torch_threads
 from arm_platform.models import build_model
 from arm_platform.security import install_log_redaction
 from arm_platform.tracking import NullTracker, build_tracker
@@ -39,8 +40,8 @@ from arm_platform.train.integrity import (
     list_checkpoints,
     newest_verified,
 )
-from arm_platform.train.knn import extract_features, knn_accuracy
 from arm_platform.train.optim import build_optimizer
+from arm_platform.train.probes import PretrainMonitor
 from arm_platform.train.schedule import Schedule, build_schedule
 from arm_platform.train.tasks import build_task, unwrap
 
@@ -72,6 +73,7 @@ class _Run:
         self.total_steps = self.cfg.optim.epochs * self.spe
         self.schedule: Schedule = build_schedule(self.cfg.optim, num_workers=self.world, steps_per_epoch=self.spe)
         self.tracker: NullTracker = NullTracker()
+        self.monitor = PretrainMonitor(self.cfg, self.device)
         self._t_log, self._step_log = time.perf_counter(), 0
 
     # ---------------------------------------------------------------- set-up
@@ -224,7 +226,7 @@ class _Run:
 
     # ---------------------------------------------------------------- evaluation
     def evaluate_epoch(self, epoch: int) -> dict[str, float]:
-        """Finetune: top-1/top-5 of model and EMA on val. Pretrain: kNN probe + image grid every K epochs."""
+        """Finetune: top-1/top-5 of model and EMA on val. Pretrain: probes (`probes.PretrainMonitor`) + image grid."""
         last = epoch == self.cfg.optim.epochs
         if self.cfg.task == "finetune":
             if epoch % self.cfg.eval_every_n_epochs and not last:
@@ -232,7 +234,7 @@ class _Run:
             return self._eval_classifier()
         out: dict[str, float] = {}
         if self.rank == 0 and _due(epoch, self.cfg.tracking.probe_every_n_epochs, last):
-            out.update(self._knn_probe())
+            out.update(self._probe())
         if self.rank == 0 and _due(epoch, self.cfg.tracking.vis_every_n_epochs, last):
             self._log_predictions(epoch)
         return out
@@ -255,28 +257,26 @@ class _Run:
         results = evaluate(models, self._val_batches(), precision=self.cfg.precision, distributed=dist_eval)
         return {f"{prefix}_{k}": stats[k] for prefix, stats in results.items() for k in ("acc1", "acc5", "loss")}
 
-    def _knn_probe(self) -> dict[str, float]:
-        model = unwrap(self.model)
-        bank, bank_labels = extract_features(model, self._val_batches("probe"), self.cfg.precision)
-        query, query_labels = extract_features(model, self._val_batches("val"), self.cfg.precision)
-        tcfg = self.cfg.tracking
-        acc = knn_accuracy(
-            bank,
-            bank_labels,
-            query,
-            query_labels,
-            num_classes=self.cfg.model.num_classes,
-            k=tcfg.knn_k,
-            temperature=tcfg.knn_temperature,
-        )
-        return {"knn_acc1": acc["acc1"], "knn_acc5": acc["acc5"]}
+    def _probe(self) -> dict[str, float]:
+        """kNN + linear probes, val loss, and (first call) their random-init / constant-predictor baselines."""
+        out = self.monitor(unwrap(self.model), self._val_batches("probe"), self._val_batches("val"))
+        warnings = self.monitor.warnings(out)
+        for line in warnings:
+            log.warning("pretraining monitor: %s", line)
+        if warnings:  # the latest probe's verdict; cleared once every baseline is beaten
+            self.tracker.set_tag("monitor.warning", "; ".join(warnings))
+        elif self.monitor.baselines:
+            self.tracker.set_tag("monitor.warning", "none: every probe beats its baseline")
+        return out
 
     @torch.no_grad()
     def _log_predictions(self, epoch: int) -> None:
+        """Grid rows: input, norm-pix target, prediction (drawn with batch-level statistics, see predict_images)."""
         model = unwrap(self.model)
-        batch = next(iter(self._val_batches()))
-        pred, true = model.predict_images(batch["image"][:NUM_VIS_IMAGES])
-        self.tracker.log_images(_denormalize(pred), _denormalize(true), f"pred_epoch{epoch:04d}")
+        images = next(iter(self._val_batches()))["image"][:NUM_VIS_IMAGES]
+        pred, target = model.predict_images(images)
+        rows = _denormalize(torch.cat([images, target]))  # log_images draws `true` rows above the `pred` row
+        self.tracker.log_images(_denormalize(pred), rows, f"pred_epoch{epoch:04d}")
 
 
 def _duration(seconds: float) -> str:
@@ -303,7 +303,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     logging.basicConfig(level=os.environ.get("ARM_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s: %(message)s")
     install_log_redaction()
     run = _Run(config)
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
+    cpus = run.cfg.cluster.cpus_per_worker
+    threads = set_torch_threads(cpus)  # Ray's CPU allotment, never the inherited $OMP_NUM_THREADS
+    log.info("rank %d: %d torch threads (cluster.cpus_per_worker %s)", run.rank, threads, cpus)
     step = run.build()
     if step >= run.total_steps:
         log.info("run %s already reached its final step %d", run.run_name, step)

@@ -157,3 +157,24 @@ def test_image_fn_rejects_unknown_mode_and_interpolation():
         T.image_fn(DataConfig(), "train")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="interpolation"):
         T.pretrain_image_fn(32, 0.2, 0.5, "lanczos9")
+
+
+@pytest.mark.parametrize(("cpus", "threads"), [(0.25, 1), (0.5, 1), (1.0, 1), (1.5, 1), (2.0, 2), (7.99, 7), (8.0, 8)])
+def test_threads_come_from_the_ray_cpu_allotment(cpus, threads):
+    """max(1, floor(cpus)): a fractional task or worker gets one thread, a whole-CPU one gets one per CPU."""
+    assert T.threads_for(cpus) == threads
+
+
+def test_decode_task_sizes_torch_threads_from_decode_cpus_not_the_environment(monkeypatch):
+    """A 0.25-CPU decode task runs torch on 1 thread even when the driver exported OMP_NUM_THREADS=2."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        batch = {"image": np.array([_jpeg(seed=1)], dtype=object), "label": np.array([3])}
+        T.BatchTransform(DataConfig(input_size=32, decode_cpus=0.25), "eval")(batch)
+        assert torch.get_num_threads() == 1
+        T.BatchTransform(DataConfig(input_size=32, decode_cpus=2.0), "eval")(batch)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

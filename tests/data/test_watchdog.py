@@ -87,3 +87,23 @@ def test_stopping_early_pulls_nothing_more_from_the_source():
     stream.close()
     assert done.wait(timeout=60)
     assert pulled == [0, 1]
+
+
+def test_batch_iterable_fails_naming_its_source_when_the_shard_stalls():
+    """The training loop's iterator is wired to the watchdog: a shard that never yields ends in DataStallError."""
+    from arm_platform.data.datasets import iter_batches
+
+    never = threading.Event()
+
+    class StalledShard:
+        def iter_torch_batches(self, **kwargs):
+            never.wait()
+            yield {}
+
+    batches = iter_batches(
+        StalledShard(), 4, "cpu", drop_last=True, source="the train dataset of s3://b/x", stall_warn_s=0.05,
+        stall_timeout_s=0.1,
+    )  # fmt: skip
+    with pytest.raises(DataStallError, match="the train dataset of s3://b/x"):
+        next(iter(batches))
+    never.set()

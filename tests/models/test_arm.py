@@ -40,13 +40,34 @@ def test_pretrain_shapes_follow_geometry(geometry, make_cfg):
     assert out["loss"].shape == () and torch.isfinite(out["loss"])
     assert model.mask.shape == ((k - 1) * t, (k - 1) * t)
     assert model.pos_embed.shape == (1, cfg.num_patches, cfg.embed_dim)
-    pred_imgs, true_imgs = model.predict_images(imgs)
-    assert pred_imgs.shape == imgs.shape and true_imgs is imgs
+    pred_imgs, target_imgs = model.predict_images(imgs)
+    assert pred_imgs.shape == target_imgs.shape == imgs.shape
     first = cluster_of_pixels(cfg.img_size, cfg.patch_size, cfg.cluster_size) == 0
-    torch.testing.assert_close(pred_imgs[..., first], imgs[..., first])  # cluster 0 is copied, never predicted
-    assert not torch.allclose(pred_imgs[..., ~first], imgs[..., ~first])
+    for drawn in (pred_imgs, target_imgs):  # cluster 0 is copied, never predicted
+        torch.testing.assert_close(drawn[..., first], imgs[..., first])
+    assert not torch.allclose(pred_imgs[..., ~first], target_imgs[..., ~first])
     with torch.no_grad():
         assert model.embed(imgs).shape == (2, cfg.embed_dim)
+
+
+def test_prediction_grid_of_a_constant_predictor_is_constant(make_cfg):
+    """Predictions are drawn with batch-level statistics, not each true patch's: a constant predictor draws one patch
+    everywhere, and a perfect predictor draws exactly the target (clusters 1..K-1 of every image)."""
+    cfg = make_cfg(img_size=32, patch_size=4, cluster_size=2)
+    model = ARMPretrain(cfg)
+    imgs = torch.randn(3, 3, 32, 32) * torch.rand(3, 1, 1, 1) + torch.randn(3, 1, 1, 1)  # brightness differs
+    const = torch.randn(cfg.patch_dim)
+    model.forward_decoder = lambda feats: const.expand(feats[0].shape[0], model.num_pred, -1)
+    pred_imgs, target_imgs = model.predict_images(imgs)
+    t = cfg.patches_per_cluster
+    drawn = to_clusters(patchify(pred_imgs, cfg.patch_size), cfg.cluster_size)[:, t:]  # (B, (K-1)T, P)
+    torch.testing.assert_close(drawn, drawn[:1, :1].expand_as(drawn))
+    assert drawn[0, 0].std() > 0.1  # the constant's pattern itself is drawn, not flattened
+    targets = model(imgs)["target"]
+    model.forward_decoder = lambda feats: targets
+    perfect, target_again = model.predict_images(imgs)
+    torch.testing.assert_close(perfect, target_imgs)
+    torch.testing.assert_close(target_again, target_imgs)
 
 
 def test_pretraining_rejects_geometry_without_whole_clusters(make_cfg):
