@@ -312,8 +312,6 @@ def resolve(cfg: TrainConfig, argv: list[str] | tuple[str, ...]) -> tuple[TrainC
     args = parse(list(argv))
     cfg = _with_model(cfg, args.model)
     overrides = to_overrides(args)
-    if args.input_size and cfg.task == "finetune" and not any(o.startswith("data.eval_resize=") for o in overrides):
-        overrides.insert(0, f"data.eval_resize={recipes.eval_resize_for(int(args.input_size))}")
     cfg = apply_overrides(cfg, overrides)
     _check_unsupported(args, cfg)
     return cfg, _intent(args, cfg)

@@ -10,6 +10,7 @@ run name raises ValueError.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -62,6 +63,7 @@ class Plan:
 def config_hash(cfg: TrainConfig) -> str:
     """Short stable hash of what determines the training trajectory (not where it is stored or tracked)."""
     data = TrainConfig.from_dict(cfg.to_dict()).to_dict()  # canonical types (1 vs 1.0 for float fields)
+    data["data"]["eval_resize"] = cfg.data.effective_eval_resize  # derived (None) and the explicit rule value alike
     for key in _HASH_EXCLUDE:
         *parents, leaf = key.split(".")
         node = data
@@ -104,6 +106,7 @@ def validate(cfg: TrainConfig) -> Plan:
     if cfg.task == "finetune" and cfg.finetune:
         from arm_platform.train.checkpoint import pretrained_source
 
+        cfg = dataclasses.replace(cfg, finetune=absolute(cfg.finetune))  # workers run in other folders
         pretrained_source(cfg.finetune)
     run_hash = config_hash(cfg)
     root = cfg.storage_path if storage.is_s3(cfg.storage_path) else str(Path(cfg.storage_path).expanduser().resolve())
@@ -116,6 +119,11 @@ def validate(cfg: TrainConfig) -> Plan:
         run_name=cfg.experiment_name or f"{cfg.recipe}-{run_hash}",
         storage_path=root,
     )
+
+
+def absolute(uri: str) -> str:
+    """A local path made absolute (Ray workers and Tune trials run in other working folders); URIs unchanged."""
+    return uri if "://" in uri else str(Path(uri).expanduser().resolve())
 
 
 def read_run_record(plan: Plan) -> dict[str, Any] | None:
@@ -272,7 +280,7 @@ def fit(cfg: TrainConfig, overrides: list[str] | tuple[str, ...] = ()):  # noqa:
 
         return evaluate_checkpoint(cfg, intent.resume)
     plan = validate(cfg)
-    resume_from = check_resume(intent.resume)
+    resume_from = check_resume(absolute(intent.resume) if intent.resume else "")
     if intent.start_epoch:
         log.info("--start_epoch %d: the epoch stored in %s wins (as official)", intent.start_epoch, resume_from)
     tracking_uri = cfg.tracking.tracking_uri or default_tracking_uri(plan.storage_path)

@@ -70,6 +70,8 @@ FASHION_MNIST_SHARD_MB = 2.0
 """Small shards for the 28 px set (~2.7k images each) so Ray Data decodes several in parallel."""
 
 FINETUNE_IMG_SIZE = 224
+PRETRAIN_PROBE_IMAGES = 10_000
+"""Pretraining monitors: labelled train images in the kNN / linear-probe bank, and val images scored."""
 
 
 def eval_resize_for(input_size: int) -> int:
@@ -98,7 +100,9 @@ def pretrain(size: str) -> TrainConfig:
         betas=(0.9, 0.95),
         clip_grad=3.0,
     )
-    data = DataConfig(input_size=model.img_size, min_crop_scale=0.2)
+    # Pretraining reads val (and the probe bank, the first max_val_samples train images) only for the monitors, on
+    # rank 0: 10k images each, not all 1.28M train images re-encoded on one rank at every probe.
+    data = DataConfig(input_size=model.img_size, min_crop_scale=0.2, max_val_samples=PRETRAIN_PROBE_IMAGES)
     tracking = TrackingConfig(vis_every_n_epochs=20, probe_every_n_epochs=20)
     if size == "tiny":  # a few CPU minutes on the embedded Fashion-MNIST shards
         optim = dataclasses.replace(optim, epochs=4, warmup_epochs=1, blr=1.5e-3)
@@ -171,7 +175,7 @@ def finetune(size: str) -> TrainConfig:
         data=data,
         optim=optim,
         cluster=_cluster(size, 8 if size != "tiny" else 2),
-        checkpoint=CheckpointConfig(num_to_keep=2, score_attribute="val_acc1", score_order="max"),
+        checkpoint=CheckpointConfig(num_to_keep=2, score_attribute="val_best_acc1", score_order="max"),
     )
 
 

@@ -33,6 +33,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from arm_platform.config import TrainConfig
+from arm_platform.train.checkpoint import check_flat_state_dict, check_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -254,31 +255,9 @@ def _export_raw_weights(checkpoint_uri: str, manifest: Mapping, folder: Path) ->
         raise ValueError(f"{where} cannot be loaded with weights_only=True: {err}") from err
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise ValueError(f"{where} has no 'model' state dict (raw weights)")
-    _check_flat(state["model"], f"{where}['model']")
+    check_flat_state_dict(state["model"], f"{where}['model']")
     torch.save(state["model"], folder / "model.pt")
     state_path.unlink()
-
-
-def check_state_dict(
-    path: str | os.PathLike, where: str, map_location: str | torch.device = "cpu"
-) -> dict[str, torch.Tensor]:
-    """Load `path` with weights_only=True; ValueError naming `where` unless it is a flat {str: Tensor} dict."""
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 (UnpicklingError, RuntimeError, EOFError, ...)
-        raise ValueError(f"{where} cannot be loaded with torch.load(weights_only=True): {err}") from err
-    return _check_flat(state, where)
-
-
-def _check_flat(state: object, where: str) -> dict[str, torch.Tensor]:
-    if not isinstance(state, dict) or not state:
-        raise ValueError(f"{where} is not a state dict: got {type(state).__name__}, expected {{name: Tensor}}")
-    for key, value in state.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise ValueError(
-                f"{where} is not a flat state dict: entry {key!r} holds {type(value).__name__}, expected a Tensor"
-            )
-    return state
 
 
 def _sha256(path: Path) -> str:

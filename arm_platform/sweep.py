@@ -267,9 +267,11 @@ def tune(
     tracking_uri = tracking_uri_for(cfg)
     experiment = cfg.tracking.experiment_name or cfg.recipe
     root, _ = _sweep_path(cfg, sweep_name)
-    base = dataclasses.replace(
+    base = dataclasses.replace(  # local paths made absolute: trial drivers run in their own working folders
         cfg,
         storage_path=storage.join(root, f"{sweep_name}-trials"),
+        finetune=launch.absolute(cfg.finetune) if cfg.finetune else "",
+        data=dataclasses.replace(cfg.data, data_path=launch.absolute(cfg.data.data_path)),
         tracking=dataclasses.replace(cfg.tracking, tracking_uri=tracking_uri, experiment_name=experiment),
     )
     launch.validate(base)  # data path, classes, batch geometry: fail before Ray starts

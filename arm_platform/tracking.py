@@ -125,7 +125,9 @@ class MlflowTracker(NullTracker):
         self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
     def log_images(self, pred: torch.Tensor, true: torch.Tensor, name: str) -> None:
-        """pred / true: (B, C, H, W) in [0, 1]; logs a PNG grid (row pairs: true over predicted)."""
+        """pred: (B, C, H, W), true: (k*B, C, H, W), in [0, 1]; logs a PNG grid with B columns: the k rows of `true`
+        above the predicted row (pretraining passes k=2: the input, then the norm-pix target drawn with the same
+        batch-level statistics as the prediction, see `ARMPretrain.predict_images`)."""
         from torchvision.utils import make_grid, save_image
 
         nrow = pred.shape[0]

@@ -147,6 +147,29 @@ def load_config(directory: str | os.PathLike) -> dict[str, Any]:
     return json.loads((Path(directory) / CONFIG_FILE).read_text())
 
 
+def check_state_dict(
+    path: str | os.PathLike, where: str, map_location: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Load `path` with weights_only=True; ValueError naming `where` unless it is a flat {str: Tensor} dict."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 (UnpicklingError, RuntimeError, EOFError, ...)
+        raise ValueError(f"{where} cannot be loaded with torch.load(weights_only=True): {err}") from err
+    return check_flat_state_dict(state, where)
+
+
+def check_flat_state_dict(state: object, where: str) -> dict[str, torch.Tensor]:
+    """`state` itself when it is a non-empty {str: Tensor} dict, else ValueError naming `where`."""
+    if not isinstance(state, dict) or not state:
+        raise ValueError(f"{where} is not a state dict: got {type(state).__name__}, expected {{name: Tensor}}")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"{where} is not a flat state dict: entry {key!r} holds {type(value).__name__}, expected a Tensor"
+            )
+    return state
+
+
 def pretrained_source(source: str) -> str:
     """The weights file behind a `--finetune` value: a run checkpoint folder (its model.pt) or a file / s3:// URI.
 

@@ -1,32 +1,12 @@
 """Weighted k-nearest-neighbour probe of frozen features (DINO `eval_knn.py`): cosine similarity, top-k neighbours
-vote with weight exp(sim / T). Lets pretraining report representation quality, which the official code cannot.
+vote with weight exp(sim / T). Lets pretraining report representation quality, which the official code cannot;
+`probes.PretrainMonitor` extracts the features and runs it beside a linear probe and random-init baselines.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from arm_platform.train.engine import autocast
-
-
-@torch.no_grad()
-def extract_features(
-    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], precision: str = "bf16"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (N, D) float32 on CPU, labels (N,)) from `model.embed(images)`."""
-    model.eval()
-    feats, labels = [], []
-    for batch in batches:
-        with autocast(batch["image"].device, precision):
-            feats.append(model.embed(batch["image"]).float().cpu())
-        labels.append(batch["label"].cpu())
-    if not feats:
-        raise ValueError("kNN probe got no batches (empty probe or val dataset)")
-    return torch.cat(feats), torch.cat(labels)
 
 
 @torch.no_grad()

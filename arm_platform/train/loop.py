@@ -255,7 +255,9 @@ class _Run:
             return {}
         models = {"val": unwrap(self.model)} | ({"val_ema": self.ema.module} if self.ema is not None else {})
         results = evaluate(models, self._val_batches(), precision=self.cfg.precision, distributed=dist_eval)
-        return {f"{prefix}_{k}": stats[k] for prefix, stats in results.items() for k in ("acc1", "acc5", "loss")}
+        out = {f"{prefix}_{k}": stats[k] for prefix, stats in results.items() for k in ("acc1", "acc5", "loss")}
+        out["val_best_acc1"] = max(out["val_acc1"], out.get("val_ema_acc1", out["val_acc1"]))  # ranks checkpoints
+        return out
 
     def _probe(self) -> dict[str, float]:
         """kNN + linear probes, val loss, and (first call) their random-init / constant-predictor baselines."""

@@ -44,7 +44,7 @@ def linear_probe_accuracy(
     """Top-1 / top-5 (percent) of a logistic-regression head fitted on frozen features; deterministic.
 
     Features are standardised with the train set's per-dimension mean / std; the head minimises mean cross-entropy
-    + l2 / 2 * |W|^2 (bias unpenalised) by full-batch L-BFGS from zero weights.
+    + l2 / 2 * |W|^2 (bias unpenalised) by full-batch L-BFGS from zero weights, on the features' device.
 
     Args:
         train_feats: (N, D); train_labels: (N,) in [0, num_classes).
@@ -52,8 +52,8 @@ def linear_probe_accuracy(
     """
     mean, std = train_feats.float().mean(0), train_feats.float().std(0).clamp_min(1e-6)
     x = (train_feats.float() - mean) / std
-    weight = torch.zeros(x.shape[1], num_classes, requires_grad=True)
-    bias = torch.zeros(num_classes, requires_grad=True)
+    weight = torch.zeros(x.shape[1], num_classes, device=x.device, requires_grad=True)
+    bias = torch.zeros(num_classes, device=x.device, requires_grad=True)
     opt = torch.optim.LBFGS(
         [weight, bias], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe", tolerance_grad=1e-6
     )
@@ -174,11 +174,12 @@ class PretrainMonitor:
         knn = knn_accuracy(
             bank, bank_labels, query, labels, num_classes=classes, k=tcfg.knn_k, temperature=tcfg.knn_temperature
         )
+        on = self.device  # the head trains where the model runs (a GPU for the ImageNet recipes)
         linear = linear_probe_accuracy(
-            bank,
-            bank_labels,
-            query,
-            labels,
+            bank.to(on),
+            bank_labels.to(on),
+            query.to(on),
+            labels.to(on),
             num_classes=classes,
             l2=tcfg.linear_probe_l2,
             max_iter=tcfg.linear_probe_max_iter,

@@ -84,7 +84,7 @@ def test_official_finetune_flags_map_to_config():
     assert (cfg.optim.layer_decay, cfg.optim.ema_decay, cfg.model.drop_path_rate) == (0.75, 0.9999, 0.3)
     assert (cfg.data.reprob, cfg.data.mixup, cfg.data.cutmix, cfg.data.smoothing) == (0.1, 0.5, 0.0, 0.2)
     assert cfg.model.global_pool is False and cfg.data.dist_eval is False
-    assert (cfg.model.img_size, cfg.data.input_size, cfg.data.eval_resize) == (384, 384, 384)
+    assert (cfg.model.img_size, cfg.data.input_size, cfg.data.effective_eval_resize) == (384, 384, 384)
     assert cfg.optim.effective_lr(8) == 1e-3
 
 
