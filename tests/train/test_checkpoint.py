@@ -71,3 +71,14 @@ def test_model_file_is_the_ema_weights_and_loads_weights_only(tmp_path, finetune
     full = torch.load(tmp_path / STATE_FILE, weights_only=True)
     assert set(full) >= {"model", "ema", "optimizer", "scaler", "schedule", "step", "epoch", "rng"}
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_finetune_weights_that_are_not_a_state_dict_are_refused_naming_the_file(tmp_path, finetune_model):
+    import pytest
+
+    from arm_platform.train.checkpoint import load_pretrained_weights
+
+    bad = tmp_path / "weights.pth"
+    torch.save([1, 2, 3], bad)
+    with pytest.raises(ValueError, match=f"cannot load pretrained weights from {bad}"):
+        load_pretrained_weights(finetune_model, str(bad))
