@@ -109,7 +109,7 @@ def validate(cfg: TrainConfig) -> Plan:
         cfg = dataclasses.replace(cfg, finetune=absolute(cfg.finetune))  # workers run in other folders
         pretrained_source(cfg.finetune)
     run_hash = config_hash(cfg)
-    root = cfg.storage_path if storage.is_s3(cfg.storage_path) else str(Path(cfg.storage_path).expanduser().resolve())
+    root = absolute(cfg.storage_path)
     return Plan(
         cfg=cfg,
         manifest=manifest,

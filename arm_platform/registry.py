@@ -13,7 +13,6 @@ tracking store: local sqlite, or `mlflow server` over HTTP with S3 artifacts.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from arm_platform import storage
 from arm_platform.config import TrainConfig
 from arm_platform.train.checkpoint import check_flat_state_dict, check_state_dict
 
@@ -133,7 +133,7 @@ def register_checkpoint(
     with tempfile.TemporaryDirectory(prefix="arm-register-") as tmp:
         folder = Path(tmp)
         cfg, chosen = _stage_files(client, checkpoint_uri, run_id, folder, all_metrics, weights)
-        sha = _sha256(folder / "model.pt")
+        sha = storage.sha256(str(folder / "model.pt"))
         found = _find_version(client, name, checkpoint_uri or "", run_id, sha)
         if found is not None:
             return _set_aliases(client, found, aliases, f"already registered as version {found.version}")
@@ -192,11 +192,11 @@ def _stage_files(
         if weights not in ("auto", chosen):
             raise ValueError(f"run {run_id} logged {chosen} weights only; cannot export {weights} weights")
     else:
-        from arm_platform.train.checkpoint import verify_checkpoint
+        from arm_platform.train.integrity import fetch_verified, verify_checkpoint
 
-        manifest = verify_checkpoint(checkpoint_uri, deep=False)  # sizes; _fetch checks the sha256 of what it reads
+        manifest = verify_checkpoint(checkpoint_uri, deep=False)  # sizes; fetch_verified checks what it reads
         for filename in CHECKPOINT_FILES:
-            _fetch(checkpoint_uri, filename, manifest, folder)
+            fetch_verified(checkpoint_uri, filename, manifest, folder)
         cfg = _read_config(folder / "config.json")
         ema_on = bool(cfg.optim.ema_decay)
         chosen = choose_weights(metrics, ema_on) if weights == "auto" else weights
@@ -225,29 +225,11 @@ def _exported_tags(metrics: Mapping[str, float], weights: str) -> dict[str, str]
     }
 
 
-def _fetch(checkpoint_uri: str, filename: str, manifest: Mapping, dst: Path) -> Path:
-    """Stream one file of a checkpoint into `dst`, checking its sha256 against the manifest on the way."""
-    from arm_platform import storage
-    from arm_platform.train.checkpoint import CheckpointError
-
-    uri = storage.join(checkpoint_uri, filename)
-    expected = manifest["files"].get(filename)
-    if expected is None:
-        raise ValueError(f"checkpoint {checkpoint_uri} has no {filename} (its manifest.json does not list it)")
-    fs, fs_path = storage.filesystem_for(uri)
-    digest, path = hashlib.sha256(), dst / filename
-    with fs.open_input_stream(fs_path) as src, path.open("wb") as out:
-        while chunk := src.read(8 << 20):
-            digest.update(chunk)
-            out.write(chunk)
-    if digest.hexdigest() != expected["sha256"]:
-        raise CheckpointError(f"{uri} does not match its sha256 in manifest.json")
-    return path
-
-
 def _export_raw_weights(checkpoint_uri: str, manifest: Mapping, folder: Path) -> None:
     """Replace folder/model.pt (the EMA copy) by the raw model weights of the checkpoint's state.pt."""
-    state_path = _fetch(checkpoint_uri, "state.pt", manifest, folder)
+    from arm_platform.train.integrity import fetch_verified
+
+    state_path = fetch_verified(checkpoint_uri, "state.pt", manifest, folder)
     where = f"{checkpoint_uri.rstrip('/')}/state.pt"
     try:
         state = torch.load(state_path, map_location="cpu", weights_only=True, mmap=True)
@@ -258,14 +240,6 @@ def _export_raw_weights(checkpoint_uri: str, manifest: Mapping, folder: Path) ->
     check_flat_state_dict(state["model"], f"{where}['model']")
     torch.save(state["model"], folder / "model.pt")
     state_path.unlink()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _log_files(client: MlflowClient, run_id: str, folder: Path, artifact_path: str) -> None:

@@ -24,7 +24,13 @@ import torch
 from torch import nn
 
 from arm_platform.security import redact
-from arm_platform.train.integrity import MANIFEST_FILE, CheckpointError, verify_checkpoint, write_manifest
+from arm_platform.train.integrity import (
+    MANIFEST_FILE,
+    CheckpointError,
+    read_manifest,
+    verify_checkpoint,
+    write_manifest,
+)
 from arm_platform.train.schedule import Schedule
 from arm_platform.train.tasks import unwrap
 
@@ -186,20 +192,26 @@ def pretrained_source(source: str) -> str:
     return source
 
 
+def read_weights(source: str) -> tuple[str, bytes]:
+    """(URI, bytes) of the weights file behind `source` (see `pretrained_source`); a checkpoint folder's model.pt
+    must match the sha256 in its manifest."""
+    from arm_platform import storage
+
+    uri = pretrained_source(source)
+    raw = storage.read_bytes(uri)
+    if uri != source and hashlib.sha256(raw).hexdigest() != read_manifest(source)["files"][MODEL_FILE]["sha256"]:
+        raise CheckpointError(f"{uri} does not match its sha256 in {MANIFEST_FILE}")
+    return uri, raw
+
+
 def load_pretrained_weights(model: nn.Module, source: str) -> tuple[list[str], list[str]]:
     """Initialise a classifier from pretraining weights (official main_finetune.py mapping in models.convert).
 
     Returns (missing, unexpected) keys.
     """
-    from arm_platform import storage
     from arm_platform.models.convert import load_pretrained
 
-    uri = pretrained_source(source)
-    raw = storage.read_bytes(uri)
-    if uri != source:  # a checkpoint folder: the bytes must be the ones its manifest describes
-        expected = verify_checkpoint(source, deep=False)["files"][MODEL_FILE]["sha256"]
-        if hashlib.sha256(raw).hexdigest() != expected:
-            raise CheckpointError(f"{uri} does not match its sha256 in {MANIFEST_FILE}")
+    uri, raw = read_weights(source)
     try:
         return load_pretrained(model, io.BytesIO(raw))
     except (RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as err:

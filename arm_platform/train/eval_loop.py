@@ -12,19 +12,18 @@ import ray.train
 import ray.train.torch
 import torch
 
-from arm_platform import storage
 from arm_platform.config import TrainConfig
 from arm_platform.data.datasets import iter_batches
 from arm_platform.models import build_model
 from arm_platform.models.convert import load_checkpoint_state
-from arm_platform.train.checkpoint import pretrained_source
+from arm_platform.train.checkpoint import read_weights
 from arm_platform.train.engine import evaluate
 
 
 def load_eval_weights(model: torch.nn.Module, source: str) -> None:
     """A run checkpoint folder's model.pt (verified against its manifest) or an official finetuned checkpoint-N.pth."""
-    uri = pretrained_source(source)
-    model.load_state_dict(load_checkpoint_state(io.BytesIO(storage.read_bytes(uri))))
+    _, raw = read_weights(source)
+    model.load_state_dict(load_checkpoint_state(io.BytesIO(raw)))
 
 
 def eval_loop_per_worker(config: dict[str, Any]) -> None:

@@ -52,21 +52,13 @@ def checkpoint_step(name: str) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------------ manifest
-def _sha256_stream(stream: Any) -> str:
-    digest = hashlib.sha256()
-    while chunk := stream.read(_CHUNK):
-        digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     """Hash every file of a local checkpoint folder and write `manifest.json` last (temp name + rename)."""
     folder = Path(directory)
     files = {}
     for path in sorted(folder.iterdir()):
         if path.is_file() and path.name != MANIFEST_FILE and not path.name.endswith(".tmp"):
-            with path.open("rb") as f:
-                files[path.name] = {"size": path.stat().st_size, "sha256": _sha256_stream(f)}
+            files[path.name] = {"size": path.stat().st_size, "sha256": storage.sha256(str(path))}
     manifest = {"format": 1, "files": files}
     tmp = folder / (MANIFEST_FILE + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
@@ -123,10 +115,8 @@ def verify_checkpoint(uri: str, *, deep: bool = True) -> dict[str, Any]:
                 f"{storage.join(uri, name)} has {info.size} bytes, {MANIFEST_FILE} says {meta['size']} (truncated or "
                 "altered)"
             )
-        if deep:
-            with fs.open_input_stream(file_path) as f:
-                if _sha256_stream(f) != meta["sha256"]:
-                    raise CheckpointError(f"{storage.join(uri, name)} does not match its sha256 in {MANIFEST_FILE}")
+        if deep and storage.sha256(storage.join(uri, name)) != meta["sha256"]:
+            raise CheckpointError(f"{storage.join(uri, name)} does not match its sha256 in {MANIFEST_FILE}")
     return manifest
 
 
@@ -185,6 +175,23 @@ def free_checkpoint_name(run_uri: str, step: int) -> str:
     while fs.get_file_info(_fs_join(path, checkpoint_dir_name(step, retry))).type != pafs.FileType.NotFound:
         retry += 1
     return checkpoint_dir_name(step, retry)
+
+
+def fetch_verified(checkpoint_uri: str, filename: str, manifest: dict[str, Any], dst: Path) -> Path:
+    """Stream one file of a checkpoint into folder `dst`, checking its sha256 against `manifest` on the way."""
+    uri = storage.join(checkpoint_uri, filename)
+    expected = manifest["files"].get(filename)
+    if expected is None:
+        raise ValueError(f"checkpoint {checkpoint_uri} has no {filename} (its {MANIFEST_FILE} does not list it)")
+    fs, fs_path = storage.filesystem_for(uri)
+    digest, path = hashlib.sha256(), dst / filename
+    with fs.open_input_stream(fs_path) as src, path.open("wb") as out:
+        while chunk := src.read(_CHUNK):
+            digest.update(chunk)
+            out.write(chunk)
+    if digest.hexdigest() != expected["sha256"]:
+        raise CheckpointError(f"{uri} does not match its sha256 in {MANIFEST_FILE}")
+    return path
 
 
 def download(uri: str, local_dir: str | os.PathLike) -> None:
