@@ -21,7 +21,6 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -35,7 +34,7 @@ from ray.tune.schedulers import ASHAScheduler
 from arm_platform import launch, recipes, storage, sweep_tracking
 from arm_platform.config import TrainConfig, apply_overrides
 from arm_platform.search_space import build_param_space
-from arm_platform.security import validate_name
+from arm_platform.security import install_log_redaction, validate_name
 from arm_platform.sweep_tracking import (
     CHECKPOINT_PATH_KEY,
     METRIC,
@@ -172,6 +171,7 @@ def train_driver_fn(
     fault: str | None = None,
 ) -> None:
     """One Tune trial: base recipe + this trial's sampled overrides -> a TorchTrainer reporting to Tune."""
+    install_log_redaction()  # a trial driver is its own process
     trial_id = ray.tune.get_context().get_trial_id()
     name = f"train-trial_id={trial_id}"
     overrides = {k: (v.item() if hasattr(v, "item") else v) for k, v in config.items()}
@@ -223,7 +223,7 @@ def _bound_worker_start(trainer, timeout_s: float) -> None:  # noqa: ANN001 (Tor
 
 def _sweep_path(cfg: TrainConfig, sweep_name: str) -> tuple[str, str]:
     """(storage root, Tune experiment URI) with local paths made absolute."""
-    root = cfg.storage_path if storage.is_s3(cfg.storage_path) else str(Path(cfg.storage_path).expanduser().resolve())
+    root = launch.absolute(cfg.storage_path)
     return root, storage.join(root, sweep_name)
 
 
@@ -257,6 +257,7 @@ def tune(
         The ResultGrid; `best_trial(results)` picks the best checkpoint. A trial whose driver dies is retried up to
         `checkpoint.max_failures` times (its Train run resumes from its last checkpoint), then fails.
     """
+    install_log_redaction()
     validate_name(sweep_name, "sweep name")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
