@@ -5,7 +5,7 @@ export RAY_AUTH_MODE ?= disabled
 install:
 	bash scripts/install.sh
 demo: install
-	$(PY) jobs/demo.py
+	$(PY) jobs/demo.py $(DEMO_ARGS)
 test: install
 	bash scripts/test.sh
 lint: install

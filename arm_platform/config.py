@@ -31,6 +31,10 @@ class ModelConfig:
     img_size: int = 192
     patch_size: int = 16
     in_chans: int = 3
+    target_chans: int | None = None
+    """Pretraining: input channels the norm-pix target covers (the first target_chans); None: all in_chans. The tiny
+    recipe uses 1: its Fashion-MNIST images are gray stored as RGB, and three normalised copies of one gray value
+    would make the model predict a fixed channel pattern (a constant predictor's loss 0.66 instead of 0.73)."""
     cluster_size: int = 4
     """Patches per cluster side; ARM predicts one cluster of cluster_size**2 patches per autoregressive step."""
     d_state: int = 16
@@ -56,6 +60,10 @@ class ModelConfig:
             self.decoder_dim % self.decoder_head_dim == 0,
             f"decoder_dim {self.decoder_dim} is not divisible by decoder_head_dim {self.decoder_head_dim}",
         )
+        _require(
+            self.target_chans is None or 1 <= self.target_chans <= self.in_chans,
+            f"target_chans must be in [1, in_chans={self.in_chans}], got {self.target_chans}",
+        )
         _require(0.0 <= self.drop_path_rate < 1.0, f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
 
     @property
@@ -71,6 +79,11 @@ class ModelConfig:
     def patch_dim(self) -> int:
         """Pixel values per patch (the regression target width)."""
         return self.patch_size**2 * self.in_chans
+
+    @property
+    def target_dim(self) -> int:
+        """Values per predicted patch (the decoder's output width): patch_size**2 * target channels."""
+        return self.patch_size**2 * (self.target_chans or self.in_chans)
 
     @property
     def cluster_grid(self) -> int:
@@ -121,6 +134,9 @@ class DataConfig:
     """Folder or s3://bucket/prefix written by `jobs/prepare_data.py` (manifest.json + <split>/*.parquet)."""
     train_split: str = "train"
     val_split: str = "val"
+    probe_split: str | None = None
+    """Labelled bank of the pretraining probes (kNN, linear probe): a split read whole, e.g. the demo's "labelled".
+    None: the first `max_val_samples` images of `train_split`."""
     input_size: int = 192
     min_crop_scale: float = 0.2
     """RandomResizedCrop lower scale: 0.2 for pretraining, 0.08 for finetuning (timm default)."""
@@ -142,6 +158,9 @@ class DataConfig:
     max_train_samples: int | None = None
     """Cap on training images (tiny demo runs / tests); None uses the whole split."""
     max_val_samples: int | None = None
+    train_repeats: int = 1
+    """Passes over the train images per epoch (small labelled sets: an epoch of 1,000 images is mostly the pipeline's
+    start and the epoch-end checkpoint; 3 passes per epoch pay them once)."""
     decode_cpus: float = 1.0
     """CPUs reserved per Ray Data decode/augment task (fractional on small machines)."""
     decode_batch_size: int = 256
@@ -173,6 +192,7 @@ class DataConfig:
             f"eval_resize {self.eval_resize} must be >= input_size {self.input_size}",
         )
         _require(self.mixup >= 0 and self.cutmix >= 0, "mixup / cutmix alphas must be >= 0")
+        _require(self.train_repeats >= 1, f"train_repeats must be >= 1, got {self.train_repeats}")
         _require(self.stall_warn_s > 0, f"stall_warn_s must be > 0, got {self.stall_warn_s}")
         _require(self.stall_timeout_s >= 0, f"stall_timeout_s must be >= 0, got {self.stall_timeout_s}")
 
@@ -318,6 +338,10 @@ class TrainConfig:
     """Ray run name; re-running the same name resumes it. None: derived from the recipe and its config."""
     finetune: str = ""
     """Finetuning: pretrain checkpoint to start from (path, s3:// URI or official checkpoint-*.pth)."""
+    head_init: Literal["random", "probe"] = "random"
+    """Finetuning: the classifier head starts as the official trunc_normal(.02) init ("random"), or as a linear probe
+    of the starting encoder's frozen features, fitted on the train split's images with the eval transform ("probe":
+    linear-probe-then-finetune, LP-FT; keeps pretrained features at small label counts)."""
     seed: int = 0
     precision: Literal["bf16", "fp32"] = "bf16"
     """Autocast dtype on GPU (CPU always runs fp32)."""
@@ -326,6 +350,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(self.task in TASKS, f"task must be one of {TASKS}, got {self.task!r}")
         _require(self.precision in ("bf16", "fp32"), f"precision must be bf16 or fp32, got {self.precision!r}")
+        _require(self.head_init in ("random", "probe"), f"head_init must be random or probe, got {self.head_init!r}")
         if self.experiment_name is not None:  # the run folder <storage_path>/<experiment_name>
             validate_name(self.experiment_name, "experiment_name")
         _require(

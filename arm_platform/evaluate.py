@@ -13,8 +13,13 @@ from arm_platform import launch, storage
 from arm_platform.config import TrainConfig
 
 
-def evaluate_checkpoint(cfg: TrainConfig, checkpoint: str) -> dict[str, float]:
-    """val_acc1 / val_acc5 / val_loss / val_count of `checkpoint`; prints the official summary line."""
+def evaluate_checkpoint(cfg: TrainConfig, checkpoint: str, weights: str = "model") -> dict[str, float]:
+    """val_acc1 / val_acc5 / val_loss / val_count of `checkpoint`; prints the official summary line.
+
+    weights: "model" (model.pt: the EMA copy when EMA was on) or "raw" (a run checkpoint's raw model, state.pt).
+    """
+    if weights not in ("model", "raw"):
+        raise ValueError(f"weights must be model or raw, got {weights!r}")
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -31,10 +36,10 @@ def evaluate_checkpoint(cfg: TrainConfig, checkpoint: str) -> dict[str, float]:
     c = cfg.cluster
     resources = {"CPU": c.cpus_per_worker} | ({"GPU": c.gpus_per_worker} if c.use_gpu else {})
     fs, root = storage.filesystem_for(plan.storage_path)
-    tag = hashlib.sha256(checkpoint.encode()).hexdigest()[:8]
+    tag = hashlib.sha256(f"{checkpoint}|{weights}".encode()).hexdigest()[:8]
     trainer = TorchTrainer(
         eval_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "checkpoint": checkpoint},
+        train_loop_config={"cfg": cfg.to_dict(), "checkpoint": checkpoint, "weights": weights},
         scaling_config=ray.train.ScalingConfig(
             num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources
         ),

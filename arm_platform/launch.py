@@ -94,6 +94,7 @@ def validate(cfg: TrainConfig) -> Plan:
     num_train = manifest.counts[cfg.data.train_split]
     if cfg.data.max_train_samples is not None:
         num_train = min(num_train, cfg.data.max_train_samples)
+    num_train *= cfg.data.train_repeats
     spe = steps_per_epoch(num_train, cfg)
     if spe < 1:
         raise ValueError(
@@ -225,7 +226,7 @@ def build_trainer(  # noqa: ANN201 (ray type)
         ),
         callbacks=callbacks,
     )
-    datasets = build_datasets(cfg.data, cfg.task, plan.manifest)
+    datasets = build_datasets(cfg.data, cfg.task, plan.manifest, probe=cfg.head_init == "probe")
     split = ["train"] + (
         ["val"] if cfg.task == "finetune" and cfg.data.dist_eval and cfg.cluster.num_workers > 1 else []
     )

@@ -36,6 +36,7 @@ ARM_SIZES: dict[str, ModelConfig] = {
         decoder_depth=2,
         decoder_head_dim=32,
         num_classes=10,
+        target_chans=1,  # Fashion-MNIST: gray images stored as RGB; predict the gray patch, not three copies
     ),
     # Ours: ViT-S-like width, official patch / cluster / decoder geometry.
     "small": ModelConfig(name="arm_small_pz16", embed_dim=384, depth=12),
@@ -68,6 +69,9 @@ FASHION_MNIST_SHARDS = "./data/fashion-mnist"
 """Where `jobs/prepare_data.py --dataset fashion-mnist` writes the embedded dataset by default."""
 FASHION_MNIST_SHARD_MB = 2.0
 """Small shards for the 28 px set (~2.7k images each) so Ray Data decodes several in parallel."""
+
+DEMO_LABELS = 1000
+"""Few-label demo: labelled train images per arm (Fashion-MNIST splits "labelled" / "heldout", see fashion_mnist)."""
 
 FINETUNE_IMG_SIZE = 224
 PRETRAIN_PROBE_IMAGES = 10_000
@@ -176,7 +180,47 @@ def finetune(size: str) -> TrainConfig:
         optim=optim,
         cluster=_cluster(size, 8 if size != "tiny" else 2),
         checkpoint=CheckpointConfig(num_to_keep=2, score_attribute="val_best_acc1", score_order="max"),
+        # LP-FT at small label counts: a random head's first gradients distort the pretrained features (README demo)
+        head_init="probe" if size == "tiny" else "random",
     )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DemoPlan:
+    """The README demo's numbers (`demo.run`): dotted overrides of pretrain_tiny / finetune_tiny and the lr grid."""
+
+    pretrain: dict
+    finetune: dict
+    lrs: tuple[float, ...]
+    """Peak finetune lrs searched, the same grid for every arm (optim.lr: absolute, batch 2 x 64)."""
+
+
+_DEMO_PRETRAIN = {
+    # all 60,000 train images, no labels; probes: the 1,000 "labelled" images -> the 10,000 test images ("val")
+    "data.max_train_samples": None,
+    "data.probe_split": "labelled",
+    "data.max_val_samples": None,
+    "optim.warmup_epochs": 0.1,
+    "tracking.probe_every_n_epochs": 1,
+    "tracking.vis_every_n_epochs": 1,
+}
+_DEMO_FINETUNE = {
+    # LP-FT on the 1,000 "labelled" images, hyperparameters picked on 500 of the 1,000 "heldout" ones
+    "data.train_split": "labelled",
+    "data.val_split": "heldout",
+    "data.max_train_samples": None,
+    "data.max_val_samples": 500,
+    "data.train_repeats": 2,  # 2 passes over the 1,000 images per epoch: 15 steps of 2 x 64
+    "optim.epochs": 1,
+}
+DEMO = {
+    # `make demo`: <= 30 min on 2 cores
+    "short": DemoPlan(pretrain=_DEMO_PRETRAIN | {"optim.epochs": 1}, finetune=_DEMO_FINETUNE, lrs=(2.5e-4, 1e-3)),
+    # `make demo DEMO_ARGS=--long`: the same pretraining, twice the finetuning (30 steps), a heldout score per epoch
+    "long": DemoPlan(
+        pretrain=_DEMO_PRETRAIN | {"optim.epochs": 1}, finetune=_DEMO_FINETUNE | {"optim.epochs": 2}, lrs=(2.5e-4, 1e-3)
+    ),
+}
 
 
 RECIPES = {

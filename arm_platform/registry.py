@@ -1,7 +1,11 @@
 """MLflow model registry: register a training checkpoint, pull it back, load it as a ready timm model.
 
-A registered version holds `model.pt` (a flat {name: tensor} state dict) and `config.json` (TrainConfig.to_dict())
-under the artifact path `model/<checkpoint dir name>-<weights>` of its source MLflow run (or of a new registration run).
+A registered version holds `model.pt` (a flat {name: tensor} state dict) and `config.json` (TrainConfig.to_dict()),
+logged under the artifact path `model/<checkpoint dir name>-<weights>` of its source MLflow run (or of a new
+registration run). A classifier's version is an MLflow Model (`mlflow_model`: pyfunc from code, signature, input
+example, pinned requirements; tag `mlflow_flavor`) whose folder `pyfunc/<checkpoint dir name>-<weights>` is the
+version's source, holding the same two files for `pull`: `mlflow.pyfunc.load_model("models:/NAME@ALIAS")` and
+`mlflow models serve` take it. A pretraining checkpoint's version is the `model/...` folder.
 Its metrics describe exactly the weights in its model.pt: with EMA on, a checkpoint holds two sets (`model.pt` = EMA,
 `state.pt["model"]` = raw); registering exports the set whose val top-1 won (or the one asked for) and tags `weights`
 (raw | ema), `exported_acc1/acc5/loss` (that set's metrics), both sets' `val_*` / `val_ema_*` metrics and
@@ -13,17 +17,14 @@ tracking store: local sqlite, or `mlflow server` over HTTP with S3 artifacts.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import shutil
 import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Literal
 
 import mlflow
 import torch
@@ -31,16 +32,16 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from arm_platform import storage
+from arm_platform import mlflow_model, storage
 from arm_platform.config import TrainConfig
-from arm_platform.train.checkpoint import check_flat_state_dict, check_state_dict
+from arm_platform.train.checkpoint import check_state_dict
+from arm_platform.version_files import ARTIFACT_PATH, CHECKPOINT_FILES, Weights, exported_tags, read_config, stage_files
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FILES = ("model.pt", "config.json")
-"""What a registered version holds (the contract's checkpoint dir minus the training state)."""
-ARTIFACT_PATH = "model"
-"""Run artifact folder of registered files: `model/<checkpoint dir name>/` (or `model/` a run logged itself)."""
+PYFUNC_PATH, FLAVOR_TAG = "pyfunc", "mlflow_flavor"
+"""Run artifact folder of the versions' MLflow Models (`pyfunc/<checkpoint dir name>/`), and the version tag naming
+their flavor (python_function; absent on versions that are no MLflow Model)."""
 CHECKPOINT_URI_TAG = "checkpoint_uri"
 """Run / version tag: storage URI of the full checkpoint dir (model.pt, config.json, state.pt)."""
 REGISTRATION_EXPERIMENT = "model-registry"
@@ -48,11 +49,9 @@ REGISTRATION_EXPERIMENT = "model-registry"
 PROBE_TIMEOUT_S = 5.0
 METRIC_PREFIXES = ("val_", "knn_")
 """Run metrics copied to version tags when registering from a run (evaluation results, not loss / lr curves)."""
-WEIGHTS_TAG, SHA_TAG, EXPORTED = "weights", "model_sha256", "exported_"
-"""Version tags: which weights model.pt holds (raw | ema), its sha256, and `exported_acc1` etc. of those weights."""
-WEIGHT_METRICS = {"raw": "val_", "ema": "val_ema_"}
-"""Metric prefix of each set of weights in the Train loop's reports (val_acc1 / val_ema_acc1, ...)."""
-Weights = Literal["auto", "raw", "ema"]
+WEIGHTS_TAG, SHA_TAG = "weights", "model_sha256"
+"""Version tags: which weights model.pt holds (raw | ema) and its sha256 (and `exported_acc1` etc., see
+`version_files.exported_tags`)."""
 
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))?/?$")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -132,19 +131,25 @@ def register_checkpoint(
     all_metrics = dict(metrics)
     with tempfile.TemporaryDirectory(prefix="arm-register-") as tmp:
         folder = Path(tmp)
-        cfg, chosen = _stage_files(client, checkpoint_uri, run_id, folder, all_metrics, weights)
+        cfg, chosen = stage_files(client, checkpoint_uri, run_id, folder, all_metrics, weights)
         sha = storage.sha256(str(folder / "model.pt"))
-        found = _find_version(client, name, checkpoint_uri or "", run_id, sha)
+        flavor = mlflow_model.FLAVOR if mlflow_model.servable(cfg) else ""
+        found = _find_version(client, name, checkpoint_uri or "", run_id, sha, flavor)
         if found is not None:
             return _set_aliases(client, found, aliases, f"already registered as version {found.version}")
         if run_id is None:
             run_id = _create_registration_run(client, name, checkpoint_uri)
-        artifact_path = ARTIFACT_PATH
-        if checkpoint_uri is not None:  # one folder per checkpoint and weights: earlier versions keep their files
-            artifact_path = f"{ARTIFACT_PATH}/{checkpoint_uri.rstrip('/').rsplit('/', 1)[-1]}-{chosen}"
+        suffix = "" if checkpoint_uri is None else f"/{checkpoint_uri.rstrip('/').rsplit('/', 1)[-1]}-{chosen}"
+        artifact_path = ARTIFACT_PATH + suffix  # one folder per checkpoint and weights: earlier versions keep theirs
+        if checkpoint_uri is not None:
             _log_files(client, run_id, folder, artifact_path)
+        if flavor:
+            saved = mlflow_model.save(folder, cfg, folder / ".mlflow-model", CHECKPOINT_FILES)
+            artifact_path = PYFUNC_PATH + suffix
+            client.log_artifacts(run_id, str(saved), artifact_path)
     version_tags = _version_tags(cfg, checkpoint_uri, run_id, all_metrics, tags)
-    version_tags |= {WEIGHTS_TAG: chosen, SHA_TAG: sha} | _exported_tags(all_metrics, chosen)
+    version_tags |= {WEIGHTS_TAG: chosen, SHA_TAG: sha} | exported_tags(all_metrics, chosen)
+    version_tags |= {FLAVOR_TAG: flavor} if flavor else {}
     _ensure_registered_model(client, name)
     version = client.create_model_version(
         name,
@@ -165,81 +170,16 @@ def _set_aliases(client: MlflowClient, version: ModelVersion, aliases: Iterable[
 
 
 def _find_version(
-    client: MlflowClient, name: str, checkpoint_uri: str, run_id: str | None, sha: str
+    client: MlflowClient, name: str, checkpoint_uri: str, run_id: str | None, sha: str, flavor: str
 ) -> ModelVersion | None:
-    """The version of `name` already made from this checkpoint (or run) with this exact model.pt, if any."""
+    """The version of `name` already made from this checkpoint (or run) with this exact model.pt and the same flavor
+    (a version registered before versions became MLflow Models is not reused), if any."""
     for version in client.search_model_versions(f"name='{name}' and tags.{SHA_TAG} = '{sha}'"):
         same_source = version.tags.get(CHECKPOINT_URI_TAG, "") == checkpoint_uri
+        same_source &= version.tags.get(FLAVOR_TAG, "") == flavor
         if same_source and (checkpoint_uri or version.tags.get("source_run_id") == run_id):
             return version
     return None
-
-
-def _stage_files(
-    client: MlflowClient,
-    checkpoint_uri: str | None,
-    run_id: str | None,
-    folder: Path,
-    metrics: Mapping[str, float],
-    weights: Weights,
-) -> tuple[TrainConfig, str]:
-    """Put the version's config.json and model.pt (the chosen weights, checked) into `folder`; (config, weights)."""
-    if checkpoint_uri is None:  # the run already holds the files it logged itself
-        client.download_artifacts(run_id, ARTIFACT_PATH, str(folder))
-        shutil.copytree(folder / ARTIFACT_PATH, folder, dirs_exist_ok=True)
-        cfg = _read_config(folder / "config.json")
-        chosen = "ema" if cfg.optim.ema_decay else "raw"
-        if weights not in ("auto", chosen):
-            raise ValueError(f"run {run_id} logged {chosen} weights only; cannot export {weights} weights")
-    else:
-        from arm_platform.train.integrity import fetch_verified, verify_checkpoint
-
-        manifest = verify_checkpoint(checkpoint_uri, deep=False)  # sizes; fetch_verified checks what it reads
-        for filename in CHECKPOINT_FILES:
-            fetch_verified(checkpoint_uri, filename, manifest, folder)
-        cfg = _read_config(folder / "config.json")
-        ema_on = bool(cfg.optim.ema_decay)
-        chosen = choose_weights(metrics, ema_on) if weights == "auto" else weights
-        if chosen == "ema" and not ema_on:
-            raise ValueError(f"checkpoint {checkpoint_uri} was trained without EMA (optim.ema_decay unset)")
-        if chosen == "raw" and ema_on:  # model.pt holds the EMA: the raw weights live in state.pt["model"]
-            _export_raw_weights(checkpoint_uri, manifest, folder)
-    check_state_dict(folder / "model.pt", f"model.pt of {checkpoint_uri or f'run {run_id}'}")
-    return cfg, chosen
-
-
-def choose_weights(metrics: Mapping[str, float], ema_on: bool) -> str:
-    """The weights to export, "raw" or "ema": higher val top-1 wins (EMA on a tie); with one metric known, its set."""
-    if not ema_on:
-        return "raw"
-    raw, ema = metrics.get("val_acc1"), metrics.get("val_ema_acc1")
-    if raw is not None and ema is not None:
-        return "ema" if float(ema) >= float(raw) else "raw"
-    return "raw" if raw is not None else "ema"
-
-
-def _exported_tags(metrics: Mapping[str, float], weights: str) -> dict[str, str]:
-    prefix = WEIGHT_METRICS[weights]
-    return {
-        f"{EXPORTED}{k}": f"{float(metrics[prefix + k]):.6g}" for k in ("acc1", "acc5", "loss") if prefix + k in metrics
-    }
-
-
-def _export_raw_weights(checkpoint_uri: str, manifest: Mapping, folder: Path) -> None:
-    """Replace folder/model.pt (the EMA copy) by the raw model weights of the checkpoint's state.pt."""
-    from arm_platform.train.integrity import fetch_verified
-
-    state_path = fetch_verified(checkpoint_uri, "state.pt", manifest, folder)
-    where = f"{checkpoint_uri.rstrip('/')}/state.pt"
-    try:
-        state = torch.load(state_path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # noqa: BLE001 (torch raises many types for bad pickles)
-        raise ValueError(f"{where} cannot be loaded with weights_only=True: {err}") from err
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-        raise ValueError(f"{where} has no 'model' state dict (raw weights)")
-    check_flat_state_dict(state["model"], f"{where}['model']")
-    torch.save(state["model"], folder / "model.pt")
-    state_path.unlink()
 
 
 def _log_files(client: MlflowClient, run_id: str, folder: Path, artifact_path: str) -> None:
@@ -262,13 +202,6 @@ def _checkpoint_uri_of_run(client: MlflowClient, run_id: str) -> str | None:
         f"run {run_id} has no {CHECKPOINT_URI_TAG!r} tag and no logged {ARTIFACT_PATH}/model.pt; "
         "pass the checkpoint directory instead"
     )
-
-
-def _read_config(path: Path) -> TrainConfig:
-    try:
-        return TrainConfig.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError) as err:
-        raise ValueError(f"{path.name} is not a TrainConfig.to_dict() JSON: {err}") from err
 
 
 def _create_registration_run(client: MlflowClient, name: str, checkpoint_uri: str | None) -> str:
@@ -392,7 +325,7 @@ def load_checkpoint_dir(path: str | os.PathLike, map_location: str | torch.devic
     from arm_platform import models
 
     path = Path(path)
-    cfg = _read_config(path / "config.json")
+    cfg = read_config(path / "config.json")
     model = models.build_model(cfg.model, cfg.task)
     model.load_state_dict(check_state_dict(path / "model.pt", str(path / "model.pt"), map_location))
     return model.eval()

@@ -7,6 +7,7 @@ cluster even when other Ray instances run on the same machine.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,3 +102,17 @@ def _pids_mentioning(text: str) -> list[int]:
             except OSError:
                 pass
     return pids
+
+
+@contextlib.contextmanager
+def connected_head(num_cpus: int, log_path: Path) -> Iterator[LocalHead]:
+    """This process connected to a private head (started now, stopped and disconnected on exit)."""
+    import ray
+
+    head = start_head(num_cpus=num_cpus, log_path=log_path)
+    try:
+        ray.init(address=head.gcs_address, configure_logging=False)
+        yield head
+    finally:
+        ray.shutdown()
+        stop_head(head)

@@ -96,16 +96,10 @@ def fashion_shards(tmp_path_factory):
 def ray_head(tmp_path_factory, s3_bucket):
     """This process connected to a private 3-CPU head (two tiny trials of 1.1 CPU fit) started after the moto S3 env,
     so its workers reach the bucket (Train V2 needs the dashboard and a findable RAY_ADDRESS)."""
-    import ray
-    from ray_cluster import start_head, stop_head
+    from ray_cluster import connected_head
 
-    head = start_head(num_cpus=3, log_path=tmp_path_factory.mktemp("ray") / "ray-start.log")
-    try:
-        ray.init(address=head.gcs_address, configure_logging=False)
+    with connected_head(3, tmp_path_factory.mktemp("ray") / "ray-start.log"):
         yield
-    finally:
-        ray.shutdown()
-        stop_head(head)
 
 
 def _tiny_cfg(shards: str, storage_path: str, tracking_uri: str, experiment: str, *extra: str):

@@ -122,26 +122,33 @@ def _read_split(manifest: Manifest, split: str, cfg: DataConfig, limit: int | No
     return read_shards(uris, rows, cfg, shuffle_files=shuffle, limit=limit)
 
 
-def build_datasets(cfg: DataConfig, task: str, manifest: Manifest | None = None) -> dict[str, ray.data.Dataset]:
-    """{"train", "val"} (+ "probe" for pretraining) Ray datasets of decoded uint8 images.
+def build_datasets(
+    cfg: DataConfig, task: str, manifest: Manifest | None = None, *, probe: bool = False
+) -> dict[str, ray.data.Dataset]:
+    """{"train", "val"} (+ "probe") Ray datasets of decoded uint8 images.
 
     train: train augment ("pretrain": random resized crop + flip; "finetune": timm RandAugment pipeline), shard
     order reshuffled every epoch, capped at `max_train_samples` rows drawn from the fewest leading shards (ingest
-    shuffled images across shards, so that is a random subset). val: eval transform, first `max_val_samples`.
-    probe (pretrain): eval transform on the first `max_val_samples` train images (the kNN memory bank).
+    shuffled images across shards, so that is a random subset), read `train_repeats` times per epoch (each pass with its
+    own augmentation). val: eval transform, first `max_val_samples`.
+    probe, eval transform: pretraining's labelled kNN / linear-probe bank (`probe_split` whole, or the first
+    `max_val_samples` train images); with `probe` for finetuning, the train images themselves (head_init="probe").
     """
     if task not in ("pretrain", "finetune"):
         raise ValueError(f"task must be pretrain or finetune, got {task!r}")
     manifest = manifest or read_manifest(cfg.data_path, attempts=cfg.io_retries)
     # Ray Data's per-operator bars flood job logs; the training loop prints one progress line every N steps.
     ray.data.DataContext.get_current().enable_progress_bars = False
+    train = [_read_split(manifest, cfg.train_split, cfg, cfg.max_train_samples, True) for _ in range(cfg.train_repeats)]
     out = {
-        "train": decoded(_read_split(manifest, cfg.train_split, cfg, cfg.max_train_samples, True), cfg, task),
+        "train": decoded(train[0].union(*train[1:]) if len(train) > 1 else train[0], cfg, task),
         "val": decoded(_read_split(manifest, cfg.val_split, cfg, cfg.max_val_samples, False), cfg, "eval"),
     }
     if task == "pretrain":
-        probe = _read_split(manifest, cfg.train_split, cfg, cfg.max_val_samples, False)
-        out["probe"] = decoded(probe, cfg, "eval")
+        split, limit = (cfg.probe_split, None) if cfg.probe_split else (cfg.train_split, cfg.max_val_samples)
+        out["probe"] = decoded(_read_split(manifest, split, cfg, limit, False), cfg, "eval")
+    elif probe:
+        out["probe"] = decoded(_read_split(manifest, cfg.train_split, cfg, cfg.max_train_samples, False), cfg, "eval")
     return out
 
 

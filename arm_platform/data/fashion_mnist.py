@@ -20,6 +20,10 @@ DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 SPLITS = {"train": "train", "val": "t10k"}
 """Our split name -> the idx file prefix."""
+FEW_LABEL_SPLITS = ("labelled", "heldout")
+"""Few-label protocol (the demo): "labelled" = the first `few_labels` train images (the only labels a finetune or
+linear probe sees), "heldout" = the last `few_labels` train images (hyperparameter selection). Both are also in
+"train", which pretraining reads without labels; "val" (the 10,000 test images) is scored once per arm."""
 _IDX_HEADER = {"images": 16, "labels": 8}
 
 
@@ -49,8 +53,13 @@ def load_split(split: str, root: str | None = None, limit: int | None = None) ->
     return images[:n], labels[:n]
 
 
-def items(root: str | None = None, limit_per_split: int | None = None) -> dict[str, list[Item]]:
-    """{split: ArrayItem per image}, keys "<split>/<index:05d>"."""
+def items(
+    root: str | None = None, limit_per_split: int | None = None, few_labels: int = recipes.DEMO_LABELS
+) -> dict[str, list[Item]]:
+    """{split: ArrayItem per image}, keys "<idx split>/<index:05d>" (the image's index in its idx file).
+
+    Adds the `FEW_LABEL_SPLITS` when the train split holds at least 2 * few_labels images.
+    """
     out: dict[str, list[Item]] = {}
     for split in SPLITS:
         images, labels = load_split(split, root, limit_per_split)
@@ -58,6 +67,9 @@ def items(root: str | None = None, limit_per_split: int | None = None) -> dict[s
             ArrayItem(key=f"{split}/{i:05d}", label=int(y), pixels=x.tobytes(), shape=x.shape)
             for i, (x, y) in enumerate(zip(images, labels, strict=True))
         ]
+    train = out["train"]
+    if few_labels > 0 and len(train) >= 2 * few_labels:
+        out["labelled"], out["heldout"] = train[:few_labels], train[-few_labels:]
     return out
 
 
@@ -66,10 +78,13 @@ def prepare(
     cfg: DataConfig | None = None,
     limit_per_split: int | None = None,
     root: str | None = None,
+    few_labels: int = recipes.DEMO_LABELS,
 ) -> Manifest:
     """Write Fashion-MNIST as RGB JPEG shards + manifest at `output` (folder or s3:// URI).
 
-    Without a `cfg`, shards of `recipes.FASHION_MNIST_SHARD_MB`.
+    Splits: train (60,000), val (the 10,000 test images) and, with the full train split, the few-label splits
+    "labelled" / "heldout" (`FEW_LABEL_SPLITS`, `few_labels` images each; 0 leaves them out). Without a `cfg`,
+    shards of `recipes.FASHION_MNIST_SHARD_MB`.
     """
     cfg = cfg or dataclasses.replace(DataConfig(), shard_size_mb=recipes.FASHION_MNIST_SHARD_MB)
-    return ingest(items(root, limit_per_split), CLASSES, output, cfg, dataset="fashion-mnist")
+    return ingest(items(root, limit_per_split, few_labels), CLASSES, output, cfg, dataset="fashion-mnist")

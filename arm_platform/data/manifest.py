@@ -177,7 +177,7 @@ def check_data_path(cfg: DataConfig, splits: tuple[str, ...] | None = None) -> M
     """
     manifest = read_manifest(cfg.data_path, attempts=cfg.io_retries)
     checks: list[tuple[str, ShardInfo]] = []
-    for split in splits or (cfg.train_split, cfg.val_split):
+    for split in splits or tuple(dict.fromkeys(s for s in (cfg.train_split, cfg.val_split, cfg.probe_split) if s)):
         uris = manifest.shard_uris(split)
         if not uris:
             raise ValueError(f"split {split!r} of {cfg.data_path} has no shards")

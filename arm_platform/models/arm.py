@@ -116,7 +116,7 @@ class ARMPretrain(nn.Module):
         for k in range(NUM_TAPS):
             setattr(self, f"norm_{k + 1}", nn.LayerNorm(d))
         self.ar_norm = nn.LayerNorm(dd)
-        self.ar_pred = nn.Linear(dd, cfg.patch_dim)
+        self.ar_pred = nn.Linear(dd, cfg.target_dim)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -170,8 +170,9 @@ class ARMPretrain(nn.Module):
         return self.ar_pred(self.ar_norm(q))
 
     def target_patches(self, imgs: torch.Tensor) -> torch.Tensor:
-        """imgs: (B, C, H, W) -> raw pixel patches in cluster order, (B, K*T, patch_dim)."""
-        return to_clusters(patchify(imgs, self.cfg.patch_size), self.cfg.cluster_size)
+        """imgs: (B, C, H, W) -> raw pixel patches of the target channels in cluster order, (B, K*T, target_dim)."""
+        chans = self.cfg.target_chans or self.cfg.in_chans
+        return to_clusters(patchify(imgs[:, :chans], self.cfg.patch_size), self.cfg.cluster_size)
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Norm-pix MSE over clusters 1..K-1. pred: (B, (K-1)*T, P) -> (scalar loss, target (B, (K-1)*T, P))."""
@@ -201,7 +202,8 @@ class ARMPretrain(nn.Module):
             imgs: (B, C, H, W) normalised.
 
         Returns:
-            (pred_imgs, target_imgs), each (B, C, H, W) in the input's normalised space.
+            (pred_imgs, target_imgs), each (B, C', H, W) in the input's normalised space, C' the target channels
+            (`target_chans`, the first C' input channels).
         """
         pred = self.forward(imgs)["pred"].float()
         patches = self.target_patches(imgs).float()
@@ -210,7 +212,8 @@ class ARMPretrain(nn.Module):
 
         def draw(normalised: torch.Tensor) -> torch.Tensor:
             out = torch.cat([patches[:, : self.cluster_len], normalised * scale + shift], dim=1)
-            out = unpatchify(from_clusters(out, self.cfg.cluster_size), self.cfg.patch_size, self.cfg.in_chans)
+            chans = self.cfg.target_chans or self.cfg.in_chans
+            out = unpatchify(from_clusters(out, self.cfg.cluster_size), self.cfg.patch_size, chans)
             return out.to(imgs.dtype)
 
         return draw(pred), draw(target)

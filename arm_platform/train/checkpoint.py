@@ -204,6 +204,25 @@ def read_weights(source: str) -> tuple[str, bytes]:
     return uri, raw
 
 
+def read_raw_weights(checkpoint_uri: str) -> dict[str, torch.Tensor]:
+    """The raw (non-EMA) model state dict of a run checkpoint folder: state.pt["model"], sha256-verified against the
+    manifest and loaded with weights_only=True (model.pt holds the EMA copy when EMA was on)."""
+    import tempfile
+
+    from arm_platform.train.integrity import fetch_verified
+
+    where = f"{checkpoint_uri.rstrip('/')}/state.pt"
+    with tempfile.TemporaryDirectory(prefix="arm-raw-") as tmp:
+        path = fetch_verified(checkpoint_uri, "state.pt", read_manifest(checkpoint_uri), Path(tmp))
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 (torch raises many types for bad pickles)
+            raise ValueError(f"{where} cannot be loaded with weights_only=True: {err}") from err
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise ValueError(f"{where} has no 'model' state dict (raw weights)")
+    return check_flat_state_dict(state["model"], f"{where}['model']")
+
+
 def load_pretrained_weights(model: nn.Module, source: str) -> tuple[list[str], list[str]]:
     """Initialise a classifier from pretraining weights (official main_finetune.py mapping in models.convert).
 

@@ -16,22 +16,27 @@ from arm_platform.config import TrainConfig
 from arm_platform.data.datasets import iter_batches
 from arm_platform.models import build_model
 from arm_platform.models.convert import load_checkpoint_state
-from arm_platform.train.checkpoint import read_weights
+from arm_platform.train.checkpoint import read_raw_weights, read_weights
 from arm_platform.train.engine import evaluate
 
 
-def load_eval_weights(model: torch.nn.Module, source: str) -> None:
-    """A run checkpoint folder's model.pt (verified against its manifest) or an official finetuned checkpoint-N.pth."""
+def load_eval_weights(model: torch.nn.Module, source: str, weights: str = "model") -> None:
+    """A run checkpoint folder's model.pt (verified against its manifest; the EMA copy when EMA was on) or an
+    official finetuned checkpoint-N.pth; weights="raw": the folder's raw model from state.pt instead."""
+    if weights == "raw":
+        model.load_state_dict(read_raw_weights(source))
+        return
     _, raw = read_weights(source)
     model.load_state_dict(load_checkpoint_state(io.BytesIO(raw)))
 
 
 def eval_loop_per_worker(config: dict[str, Any]) -> None:
-    """Reports val_acc1 / acc5 / loss / count (the val split across workers, counts summed); config: cfg, checkpoint."""
+    """Reports val_acc1 / acc5 / loss / count (val split across workers, counts summed); config: cfg, checkpoint,
+    weights."""
     cfg = TrainConfig.from_dict(config["cfg"])
     device = ray.train.torch.get_device()
     model = build_model(cfg.model, "finetune")
-    load_eval_weights(model, config["checkpoint"])
+    load_eval_weights(model, config["checkpoint"], config.get("weights", "model"))
     model.to(device)
     batches = iter_batches(ray.train.get_dataset_shard("val"), cfg.optim.batch_size, device, drop_last=False)
     stats = evaluate({"model": model}, batches, precision=cfg.precision, distributed=True)["model"]

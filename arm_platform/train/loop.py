@@ -41,7 +41,7 @@ from arm_platform.train.integrity import (
     newest_verified,
 )
 from arm_platform.train.optim import build_optimizer
-from arm_platform.train.probes import PretrainMonitor
+from arm_platform.train.probes import PretrainMonitor, init_head_from_probe
 from arm_platform.train.schedule import Schedule, build_schedule
 from arm_platform.train.tasks import build_task, unwrap
 
@@ -74,6 +74,7 @@ class _Run:
         self.schedule: Schedule = build_schedule(self.cfg.optim, num_workers=self.world, steps_per_epoch=self.spe)
         self.tracker: NullTracker = NullTracker()
         self.monitor = PretrainMonitor(self.cfg, self.device)
+        self.head_probe: dict[str, float] = {}
         self._t_log, self._step_log = time.perf_counter(), 0
 
     # ---------------------------------------------------------------- set-up
@@ -91,6 +92,8 @@ class _Run:
         if cfg.task == "finetune" and cfg.finetune and checkpoint is None:
             load_pretrained_weights(model, cfg.finetune)
         model.to(self.device)
+        if cfg.task == "finetune" and cfg.head_init == "probe" and checkpoint is None:
+            self._init_head_from_probe(model)
         self.ema = ModelEmaV3(model, decay=cfg.optim.ema_decay) if cfg.optim.ema_decay else None
         self.optimizer = build_optimizer(model, cfg.optim, cfg.task)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)  # bf16 needs no loss scaling
@@ -98,6 +101,23 @@ class _Run:
         self.model = ray.train.torch.prepare_model(model)
         self.task = build_task(cfg, self.model)
         return step
+
+    def _init_head_from_probe(self, model: torch.nn.Module) -> None:
+        """LP-FT: rank 0 fits the head on the train images' frozen features (eval transform), then broadcasts it."""
+        if self.rank == 0:
+            tcfg = self.cfg.tracking
+            fit = init_head_from_probe(
+                model,
+                self._val_batches("probe"),
+                l2=tcfg.linear_probe_l2,
+                max_iter=tcfg.linear_probe_max_iter,
+                smoothing=self.cfg.data.smoothing,  # the finetune criterion's (tasks.build_criterion)
+            )
+            self.head_probe = fit
+            log.info("head_init=probe: linear head fitted on the frozen encoder, train %s", fit)
+        if self.world > 1:
+            for tensor in (model.head.weight.data, model.head.bias.data):
+                torch.distributed.broadcast(tensor, src=0)
 
     def _resume_checkpoint(self) -> ray.train.Checkpoint | None:
         """Official --resume: launch's checkpoint folder, used only while this run has no checkpoint of its own."""
@@ -145,6 +165,8 @@ class _Run:
             system_metrics=cfg.system_metrics,
             artifact_location=artifact_location,
         )
+        if self.head_probe:
+            self.tracker.log_metrics(self.head_probe, 0)
 
     # ---------------------------------------------------------------- per step
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
@@ -277,7 +299,7 @@ class _Run:
         model = unwrap(self.model)
         images = next(iter(self._val_batches()))["image"][:NUM_VIS_IMAGES]
         pred, target = model.predict_images(images)
-        rows = _denormalize(torch.cat([images, target]))  # log_images draws `true` rows above the `pred` row
+        rows = torch.cat([_denormalize(images), _denormalize(target)])  # log_images draws `true` above `pred`
         self.tracker.log_images(_denormalize(pred), rows, f"pred_epoch{epoch:04d}")
 
 
@@ -294,10 +316,12 @@ def _due(epoch: int, every: int, last: bool) -> bool:
 
 
 def _denormalize(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) ImageNet-normalised -> [0, 1] on CPU."""
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD, device=x.device).view(1, -1, 1, 1)
-    return (x.float() * std + mean).clamp(0, 1).cpu()
+    """(B, C, H, W) ImageNet-normalised (the first C channels' statistics) -> [0, 1] RGB (B, 3, H, W) on CPU; one
+    channel (a gray target, `model.target_chans=1`) is drawn as gray."""
+    c = x.shape[1]
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN[:c], device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD[:c], device=x.device).view(1, -1, 1, 1)
+    return (x.float() * std + mean).clamp(0, 1).expand(-1, 3, -1, -1).cpu()
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

@@ -3,13 +3,14 @@
 - kNN (`knn.knn_accuracy`) and a **linear probe** (multinomial logistic regression, full-batch L-BFGS on standardised
   frozen features) fitted on the probe split (labelled train images, eval transform) and scored on the val split:
   `knn_acc1`, `probe_acc1`.
-- The same two probes on this run's **random-init** encoder (same seed, so the weights the run started from), once
-  per run: `knn_acc1_random_init`, `probe_acc1_random_init`. Untrained Mamba features are far from useless (random
-  features of the pixels), so a trained probe must beat these numbers, not zero.
+- The same two probes on this run's **random-init** encoder (same seed, so the weights the run started from), and on
+  the **raw pixels**, once per run: `knn_acc1_random_init`, `probe_acc1_random_init`, `*_pixels`. Untrained Mamba
+  features are far from useless (random features of the pixels), so a trained probe must beat these, not zero.
 - `val_loss`: the model's norm-pix loss on the val split, and `loss_constant_baseline` (once per run): the loss of
   the best constant predictor on the same images, i.e. the per-(position, value) mean of the normalised targets.
-  Grayscale data copied to RGB leaves a fixed channel pattern in every normalised patch, so this is ~0.67 on
-  Fashion-MNIST, not 1.0: a loss near it means the model predicts nothing beyond that pattern.
+  It is below 1.0 because positions differ (dark borders): 0.82 on the Fashion-MNIST test images with the tiny
+  recipe's gray target (`model.target_chans=1`; three normalised copies of the gray value would leave a fixed channel
+  pattern a constant predicts, 0.66). A loss near it means the model predicts nothing beyond the average patch.
 `PretrainMonitor.warnings` names every trained metric that does not beat its baseline.
 """
 
@@ -28,6 +29,71 @@ from arm_platform.train.knn import knn_accuracy
 
 RANDOM_INIT = "_random_init"
 """Metric suffix of the random-init encoder's probes."""
+PIXELS = "_pixels"
+"""Metric suffix of the probes on raw pixels (the normalised input flattened): what any encoder must add to."""
+
+
+class PixelFeatures(nn.Module):
+    """The no-encoder baseline: `embed(imgs)` = the normalised target channels flattened, (B, C' * H * W)."""
+
+    def __init__(self, channels: int | None) -> None:
+        super().__init__()
+        self.channels = channels
+
+    def embed(self, imgs: torch.Tensor) -> torch.Tensor:
+        return imgs[:, : self.channels].flatten(1)
+
+
+@torch.no_grad()
+def fit_linear_head(
+    feats: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    num_classes: int,
+    l2: float = 1e-3,
+    max_iter: int = 100,
+    smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logistic-regression head on frozen features, as an `nn.Linear`'s (weight (C, D), bias (C,)); deterministic.
+
+    Features are standardised with their per-dimension mean / std; the head minimises mean cross-entropy (with
+    `smoothing` label smoothing) + l2 / 2 * |W|^2 (bias unpenalised, W in the standardised space) by full-batch L-BFGS
+    from zero weights, on the features' device. The standardisation is folded into the returned weights, so they
+    apply to raw features.
+
+    Args:
+        feats: (N, D); labels: (N,) in [0, num_classes).
+    """
+    mean, std = feats.float().mean(0), feats.float().std(0).clamp_min(1e-6)
+    x = (feats.float() - mean) / std
+    weight = torch.zeros(x.shape[1], num_classes, device=x.device, requires_grad=True)
+    bias = torch.zeros(num_classes, device=x.device, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [weight, bias], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe", tolerance_grad=1e-6
+    )
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        logits = x @ weight + bias
+        loss = F.cross_entropy(logits, labels.long(), label_smoothing=smoothing) + 0.5 * l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    w = weight.detach() / std[:, None]  # ((f - mean) / std) @ W + b = f @ (W / std) + (b - mean @ (W / std))
+    return w.t().contiguous(), bias.detach() - mean @ w
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """{"acc1", "acc5"} in percent of logits (M, C) against labels (M,) (top-5 capped at C)."""
+    pred = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    target = labels.long()[:, None]
+    total = max(len(target), 1)
+    return {
+        "acc1": 100 * pred[:, :1].eq(target).sum().item() / total,
+        "acc5": 100 * pred.eq(target).any(1).sum().item() / total,
+    }
 
 
 @torch.no_grad()
@@ -41,38 +107,47 @@ def linear_probe_accuracy(
     l2: float = 1e-3,
     max_iter: int = 100,
 ) -> dict[str, float]:
-    """Top-1 / top-5 (percent) of a logistic-regression head fitted on frozen features; deterministic.
+    """Top-1 / top-5 (percent) of `fit_linear_head` fitted on (N, D) train features, scored on (M, D) test ones."""
+    weight, bias = fit_linear_head(train_feats, train_labels, num_classes=num_classes, l2=l2, max_iter=max_iter)
+    return topk_accuracy(test_feats.float() @ weight.t() + bias, test_labels)
 
-    Features are standardised with the train set's per-dimension mean / std; the head minimises mean cross-entropy
-    + l2 / 2 * |W|^2 (bias unpenalised) by full-batch L-BFGS from zero weights, on the features' device.
 
-    Args:
-        train_feats: (N, D); train_labels: (N,) in [0, num_classes).
-        test_feats: (M, D); test_labels: (M,).
+@torch.no_grad()
+def init_head_from_probe(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    *,
+    l2: float,
+    max_iter: int,
+    smoothing: float = 0.0,
+) -> dict[str, float]:
+    """LP-FT's first step: set a classifier's `head` to the linear probe of its own frozen pooled features.
+
+    Fit with the finetune criterion's label `smoothing`: the head starts at that loss's minimum for the frozen
+    encoder. Without it the probe's logits grow large (1,000 near-separable images), and a smoothed loss then starts
+    at ~3.7 instead of ~0.7: large early gradients reach the encoder, which LP-FT exists to avoid.
+
+    model: a timm-style classifier (`forward_features`, `forward_head(x, pre_logits=True)` -> (B, D), `head`
+    Linear(D, C)); batches: labelled images with the eval transform. Returns the head's train-set top-1 / top-5 and
+    its train loss (`head_probe_train_loss`, smoothed cross-entropy).
     """
-    mean, std = train_feats.float().mean(0), train_feats.float().std(0).clamp_min(1e-6)
-    x = (train_feats.float() - mean) / std
-    weight = torch.zeros(x.shape[1], num_classes, device=x.device, requires_grad=True)
-    bias = torch.zeros(num_classes, device=x.device, requires_grad=True)
-    opt = torch.optim.LBFGS(
-        [weight, bias], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe", tolerance_grad=1e-6
-    )
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(x @ weight + bias, train_labels.long()) + 0.5 * l2 * weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    logits = ((test_feats.float() - mean) / std) @ weight + bias
-    pred = logits.topk(min(5, num_classes), dim=1).indices
-    target = test_labels.long()[:, None]
-    total = max(len(target), 1)
-    top1 = pred[:, :1].eq(target).sum().item()
-    top5 = pred.eq(target).any(dim=1).sum().item()
-    return {"acc1": 100 * top1 / total, "acc5": 100 * top5 / total}
+    was_training = model.training
+    model.eval()
+    feats, labels = [], []
+    for batch in batches:
+        feats.append(model.forward_head(model.forward_features(batch["image"]), pre_logits=True).float())
+        labels.append(batch["label"])
+    if not feats:
+        raise ValueError("head_init='probe' got no labelled images (empty train split)")
+    x, y = torch.cat(feats), torch.cat(labels)
+    classes = model.head.out_features
+    weight, bias = fit_linear_head(x, y, num_classes=classes, l2=l2, max_iter=max_iter, smoothing=smoothing)
+    model.head.weight.copy_(weight)
+    model.head.bias.copy_(bias)
+    model.train(was_training)
+    logits = model.head(x)
+    loss = F.cross_entropy(logits, y.long(), label_smoothing=smoothing).item()
+    return {f"head_probe_train_{k}": v for k, v in topk_accuracy(logits, y).items()} | {"head_probe_train_loss": loss}
 
 
 class ConstantBaseline:
@@ -153,10 +228,15 @@ class PretrainMonitor:
     def __call__(
         self, model: nn.Module, probe_batches: Iterable[dict], val_batches: Iterable[dict]
     ) -> dict[str, float]:
-        """{knn_acc1, knn_acc5, probe_acc1, probe_acc5, val_loss} (+ the *_random_init and loss_constant_baseline
-        metrics on the first call). probe_batches: labelled bank (the probe split); val_batches: queries."""
+        """{knn_acc1, knn_acc5, probe_acc1, probe_acc5, val_loss} (+ the *_random_init, *_pixels and
+        loss_constant_baseline metrics on the first call). probe_batches: labelled bank (the probe split);
+        val_batches: queries."""
         first = not self.baselines and self.cfg.tracking.random_init_baseline
-        models = {"": model} | ({RANDOM_INIT: random_init_model(self.cfg, self.device)} if first else {})
+        baselines = {
+            RANDOM_INIT: random_init_model(self.cfg, self.device),
+            PIXELS: PixelFeatures(self.cfg.model.target_chans),
+        }
+        models = {"": model} | (baselines if first else {})
         bank, bank_labels, _ = encode(models, probe_batches, self.cfg.precision)
         query, query_labels, losses = encode(models, val_batches, self.cfg.precision, losses=True)
         out = {"val_loss": losses["val_loss"]}
@@ -164,7 +244,9 @@ class PretrainMonitor:
             out |= self._probes(bank[suffix], bank_labels, query[suffix], query_labels, suffix)
         if first:
             out["loss_constant_baseline"] = losses["loss_constant_baseline"]
-            self.baselines = {k: v for k, v in out.items() if k.endswith(RANDOM_INIT) or k.startswith("loss_")}
+            self.baselines = {
+                k: v for k, v in out.items() if k.endswith((RANDOM_INIT, PIXELS)) or k.startswith("loss_")
+            }
         return out
 
     def _probes(
@@ -190,9 +272,10 @@ class PretrainMonitor:
         """One line per trained metric in `metrics` that does not beat its baseline (empty before any baseline)."""
         out = []
         for name, what in (("knn_acc1", "kNN"), ("probe_acc1", "linear probe")):
-            base = self.baselines.get(f"{name}{RANDOM_INIT}")
-            if name in metrics and base is not None and metrics[name] <= base:
-                out.append(f"{what} top-1 {metrics[name]:.1f}% does not beat the random-init encoder's {base:.1f}%")
+            for suffix, of in ((RANDOM_INIT, "the random-init encoder's"), (PIXELS, "raw pixels'")):
+                base = self.baselines.get(f"{name}{suffix}")
+                if name in metrics and base is not None and metrics[name] <= base:
+                    out.append(f"{what} top-1 {metrics[name]:.1f}% does not beat {of} {base:.1f}%")
         base = self.baselines.get("loss_constant_baseline")
         if "val_loss" in metrics and base is not None and metrics["val_loss"] >= base:
             out.append(f"val loss {metrics['val_loss']:.4f} does not beat the best constant predictor's {base:.4f}")

@@ -78,12 +78,17 @@ def test_tar_members_that_escape_are_rejected_and_never_written(tmp_path):
 @pytest.mark.slow
 def test_tar_members_that_escape_never_reach_s3(tmp_path, s3_bucket):
     """S3 output: no key outside the prefix, no '..' segment in any key, no '..' split in the manifest."""
+
+    def keys() -> set[str]:
+        pages = storage.s3_client().get_paginator("list_objects_v2").paginate(Bucket=s3_bucket)
+        return {o["Key"] for p in pages for o in p.get("Contents", [])}
+
     out = f"s3://{s3_bucket}/hostile"
+    before = keys()  # the session's bucket holds other tests' objects
     manifest = ingest.ingest_folder(_hostile_tar(tmp_path / "hostile.tar"), out, ONE)
     assert sorted(manifest.shards) == ["train", "val"] and manifest.rejected == 4
-    pages = storage.s3_client().get_paginator("list_objects_v2").paginate(Bucket=s3_bucket)
-    keys = [o["Key"] for p in pages for o in p.get("Contents", [])]
-    assert keys and all(k.startswith("hostile/") and ".." not in k.split("/") for k in keys)
+    written = keys() - before
+    assert written and all(k.startswith("hostile/") and ".." not in k.split("/") for k in written)
     assert check_data_path(DataConfig(data_path=out, io_retries=1)).counts == {"train": 1, "val": 1}
 
 

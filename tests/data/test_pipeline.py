@@ -73,6 +73,25 @@ def test_local_pretrain_datasets_keep_labels_with_pixels(ray_cluster, local_shar
     assert len(probe_labels) == 40
 
 
+def test_train_repeats_probe_split_and_the_finetune_probe_set(ray_cluster, local_shards):
+    """train_repeats=3: every train image three times per epoch; probe_split: that split whole, not a train prefix;
+    finetune with probe=True (head_init="probe"): the train images with the eval transform."""
+    from arm_platform.data import datasets
+
+    out, counts, _ = local_shards
+    dss = datasets.build_datasets(_cfg(out, train_repeats=3, probe_split="val"), "pretrain")
+    _, labels, _ = _drain(dss["train"])
+    assert len(labels) == 3 * counts["train"]
+    assert np.bincount(labels.numpy()).tolist() == [counts["train"]] * 3  # each of 3 classes, 3 passes
+    _, probe_labels, _ = _drain(dss["probe"])
+    assert len(probe_labels) == counts["val"]
+    fine = datasets.build_datasets(_cfg(out, max_train_samples=30), "finetune", probe=True)
+    assert set(fine) == {"train", "val", "probe"}
+    probe_images, probe_labels, _ = _drain(fine["probe"])
+    assert len(probe_labels) == 30 and probe_images.shape[1:] == (3, SIZE, SIZE)
+    assert set(datasets.build_datasets(_cfg(out), "finetune")) == {"train", "val"}
+
+
 def test_shards_are_read_in_decode_sized_blocks(ray_cluster, local_shards):
     """Each shard's rows are cut into ~decode_batch_size blocks (one decode task each), not Ray's tiny default ones."""
     from arm_platform.data import datasets

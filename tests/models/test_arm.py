@@ -345,3 +345,28 @@ def test_kernel_backend_matches_reference_on_cuda(make_cfg):
     torch.testing.assert_close(results["kernel"][0], results["ref"][0], rtol=1e-4, atol=1e-5)
     for name, grad in results["ref"][1].items():
         torch.testing.assert_close(results["kernel"][1][name], grad, rtol=2e-3, atol=1e-5, msg=name)
+
+
+def test_gray_target_predicts_one_channel_of_per_patch_normalised_gray():
+    """target_chans=1 (the tiny recipe, gray data stored as RGB): the decoder predicts patch_size**2 values per patch,
+    and the target is the normalised gray patch whichever channel statistics the input was normalised with."""
+    import dataclasses
+
+    from arm_platform import recipes
+    from arm_platform.models import build_model
+    from arm_platform.models.arm import normalize_patches, patchify, to_clusters
+
+    cfg = dataclasses.replace(recipes.ARM_SIZES["tiny"], embed_dim=32, depth=2, decoder_dim=32, decoder_head_dim=16)
+    assert cfg.target_chans == 1 and cfg.target_dim == cfg.patch_size**2
+    model = build_model(cfg, "pretrain").eval()
+    gray = torch.rand(2, 1, 32, 32)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    imgs = (gray - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)  # gray copied to RGB, ImageNet-normalised
+    out = model(imgs)
+    assert out["pred"].shape[-1] == cfg.patch_size**2
+    expected, _, _ = normalize_patches(to_clusters(patchify(gray, cfg.patch_size), cfg.cluster_size)[:, 4:])
+    torch.testing.assert_close(out["target"], expected, atol=1e-4, rtol=1e-4)
+    pred, target = model.predict_images(imgs)
+    assert pred.shape == target.shape == (2, 1, 32, 32)
+    rgb = build_model(dataclasses.replace(cfg, target_chans=None), "pretrain")
+    assert rgb(imgs)["pred"].shape[-1] == 3 * cfg.patch_size**2

@@ -82,3 +82,29 @@ def test_finetune_weights_that_are_not_a_state_dict_are_refused_naming_the_file(
     torch.save([1, 2, 3], bad)
     with pytest.raises(ValueError, match=f"cannot load pretrained weights from {bad}"):
         load_pretrained_weights(finetune_model, str(bad))
+
+
+def test_raw_weights_of_a_checkpoint_are_the_model_not_the_ema_and_are_verified(tmp_path, finetune_model, small_cfg):
+    """--eval's weights="raw": state.pt["model"] (sha256-checked), not model.pt's EMA copy."""
+    import pytest
+
+    from arm_platform.train.checkpoint import read_raw_weights
+    from arm_platform.train.integrity import CheckpointError
+
+    cfg = small_cfg("finetune")
+    opt = build_optimizer(finetune_model, cfg.optim, "finetune")
+    ema = ModelEmaV3(finetune_model, decay=0.9)
+    with torch.no_grad():
+        ema.module.head.bias.fill_(7.0)
+    save_checkpoint(tmp_path, model=finetune_model, optimizer=opt, step=0, epoch=0, config={}, ema=ema)
+    raw = read_raw_weights(str(tmp_path))
+    assert set(raw) == set(finetune_model.state_dict())
+    assert all(torch.equal(v, finetune_model.state_dict()[k]) for k, v in raw.items())
+    assert not torch.all(raw["head.bias"] == 7.0)
+    with (tmp_path / STATE_FILE).open("r+b") as f:  # one flipped byte
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(CheckpointError, match="state.pt does not match its sha256"):
+        read_raw_weights(str(tmp_path))

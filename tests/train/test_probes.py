@@ -9,10 +9,13 @@ from arm_platform import recipes
 from arm_platform.models import build_model
 from arm_platform.train.knn import knn_accuracy
 from arm_platform.train.probes import (
+    PIXELS,
     RANDOM_INIT,
     ConstantBaseline,
     PretrainMonitor,
     encode,
+    fit_linear_head,
+    init_head_from_probe,
     linear_probe_accuracy,
     random_init_model,
 )
@@ -120,13 +123,58 @@ def test_monitor_logs_baselines_once_and_warns_when_they_are_not_beaten(tiny_cfg
     probe, val = _batches(5, seed=1), _batches(3, seed=2)
     first = monitor(model, probe, val)
     names = {f"{p}_acc{k}" for p in ("knn", "probe") for k in (1, 5)}
-    assert set(first) == names | {f"{n}{RANDOM_INIT}" for n in names} | {"val_loss", "loss_constant_baseline"}
+    baselines = {f"{n}{suffix}" for n in names for suffix in (RANDOM_INIT, PIXELS)}
+    assert set(first) == names | baselines | {"val_loss", "loss_constant_baseline"}
     for name in names:
         assert first[name] == first[f"{name}{RANDOM_INIT}"]  # same weights, same data
+    pixels = [torch.cat([b["image"][:, :1].flatten(1) for b in batches]) for batches in (probe, val)]
+    labels = [torch.cat([b["label"] for b in batches]) for batches in (probe, val)]
+    by_hand = linear_probe_accuracy(pixels[0], labels[0], pixels[1], labels[1], num_classes=10)
+    assert first[f"probe_acc1{PIXELS}"] == pytest.approx(by_hand["acc1"])  # the gray target channel, flattened
     warnings = monitor.warnings(first)  # kNN, linear probe, and the loss (random init is worse than a constant)
-    assert len(warnings) == 3 and all("does not beat the" in w for w in warnings)
+    assert sum("random-init encoder's" in w for w in warnings) == 2
+    assert sum("constant predictor" in w for w in warnings) == 1
     assert first["val_loss"] > first["loss_constant_baseline"]
     assert set(monitor(model, probe, val)) == names | {"val_loss"}  # baselines only once per run
     beaten = {"knn_acc1": 101.0, "probe_acc1": 101.0, "val_loss": first["loss_constant_baseline"] - 1e-3}
     assert monitor.warnings(beaten) == []
     assert "constant predictor" in monitor.warnings({"val_loss": first["loss_constant_baseline"]})[0]
+
+
+def test_fitted_head_applies_to_raw_features_and_matches_the_standardised_probe():
+    """The standardisation is folded into (weight, bias): raw features give the probe's own predictions."""
+    train, train_y = _clusters(30, 5, 0.4, seed=1)
+    train = train * torch.linspace(0.1, 10.0, 16) + 3.0  # badly scaled, shifted features
+    test, test_y = _clusters(10, 5, 0.4, seed=2)
+    test = test * torch.linspace(0.1, 10.0, 16) + 3.0
+    weight, bias = fit_linear_head(train, train_y, num_classes=5)
+    assert weight.shape == (5, 16) and bias.shape == (5,)
+    mean, std = train.mean(0), train.std(0)
+    acc = linear_probe_accuracy(train, train_y, test, test_y, num_classes=5)
+    pred = (test @ weight.t() + bias).argmax(1)
+    assert 100 * pred.eq(test_y).float().mean().item() == pytest.approx(acc["acc1"])
+    # the same logits as the head applied in the standardised space it was fitted in
+    w_std = weight.t() * std[:, None]
+    raw_logits = test @ weight.t() + bias
+    torch.testing.assert_close((test - mean) / std @ w_std + bias + mean @ weight.t(), raw_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_lp_ft_head_init_makes_the_classifier_predict_like_a_probe_of_its_features(small_cfg):
+    """init_head_from_probe: the classifier's own logits on labelled images become a fitted linear probe's; the
+    encoder is untouched and the train mode restored."""
+    cfg = small_cfg("finetune")
+    model = build_model(dataclasses.replace(cfg.model, drop_path_rate=0.0), "finetune").train()
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(4).repeat(8)
+    images = torch.randn(4, 3, 32, 32, generator=gen)[labels] + 0.3 * torch.randn(32, 3, 32, 32, generator=gen)
+    batches = [{"image": images[i : i + 8], "label": labels[i : i + 8]} for i in range(0, 32, 8)]
+    encoder = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("head.")}
+    before = model.eval()(images).argmax(1).eq(labels).float().mean().item()
+    model.train()
+    fit = init_head_from_probe(model, batches, l2=1e-3, max_iter=100)
+    assert model.training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in encoder.items())
+    with torch.no_grad():
+        after = model.eval()(images).argmax(1).eq(labels).float().mean().item()
+    assert fit["head_probe_train_acc1"] == pytest.approx(100 * after)
+    assert after == 1.0 and before < 1.0  # 4 separable classes: the probe head fits them, the random one did not
