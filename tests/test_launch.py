@@ -126,7 +126,8 @@ def test_pretrain_survives_a_worker_fault_then_finetune_beats_chance(ray_cluster
     assert "knn_acc1" in run.data.metrics and "img_per_s" in run.data.metrics
     monitors = {"probe_acc1", "val_loss", "knn_acc1_random_init", "probe_acc1_random_init", "loss_constant_baseline"}
     assert monitors <= set(run.data.metrics)
-    assert 0.55 < run.data.metrics["loss_constant_baseline"] < 0.75  # 0.65 on these Fashion-MNIST val images
+    # the gray target (model.target_chans=1): 0.82 on the 10,000 test images; three RGB copies gave 0.65 here
+    assert 0.7 < run.data.metrics["loss_constant_baseline"] < 0.9
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "predictions")]
     assert "predictions/pred_epoch0002.png" in artifacts
 
