@@ -14,7 +14,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from arm_platform.config import TrainConfig
-from arm_platform.train.checkpoint import check_flat_state_dict, check_state_dict
+from arm_platform.train.checkpoint import check_state_dict, read_raw_weights
 
 CHECKPOINT_FILES = ("model.pt", "config.json")
 """What a registered version holds (the contract's checkpoint dir minus the training state)."""
@@ -79,19 +79,7 @@ def exported_tags(metrics: Mapping[str, float], weights: str) -> dict[str, str]:
 
 def export_raw_weights(checkpoint_uri: str, manifest: Mapping, folder: Path) -> None:
     """Replace folder/model.pt (the EMA copy) by the raw model weights of the checkpoint's state.pt."""
-    from arm_platform.train.integrity import fetch_verified
-
-    state_path = fetch_verified(checkpoint_uri, "state.pt", manifest, folder)
-    where = f"{checkpoint_uri.rstrip('/')}/state.pt"
-    try:
-        state = torch.load(state_path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # noqa: BLE001 (torch raises many types for bad pickles)
-        raise ValueError(f"{where} cannot be loaded with weights_only=True: {err}") from err
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-        raise ValueError(f"{where} has no 'model' state dict (raw weights)")
-    check_flat_state_dict(state["model"], f"{where}['model']")
-    torch.save(state["model"], folder / "model.pt")
-    state_path.unlink()
+    torch.save(read_raw_weights(checkpoint_uri, dict(manifest)), folder / "model.pt")
 
 
 def read_config(path: Path) -> TrainConfig:

@@ -204,18 +204,20 @@ def read_weights(source: str) -> tuple[str, bytes]:
     return uri, raw
 
 
-def read_raw_weights(checkpoint_uri: str) -> dict[str, torch.Tensor]:
+def read_raw_weights(checkpoint_uri: str, manifest: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """The raw (non-EMA) model state dict of a run checkpoint folder: state.pt["model"], sha256-verified against the
-    manifest and loaded with weights_only=True (model.pt holds the EMA copy when EMA was on)."""
+    manifest (read from the folder unless given) and loaded with weights_only=True, memory-mapped (the optimizer
+    state beside it is not read). model.pt holds the EMA copy when EMA was on."""
     import tempfile
 
     from arm_platform.train.integrity import fetch_verified
 
     where = f"{checkpoint_uri.rstrip('/')}/state.pt"
+    manifest = manifest if manifest is not None else read_manifest(checkpoint_uri)
     with tempfile.TemporaryDirectory(prefix="arm-raw-") as tmp:
-        path = fetch_verified(checkpoint_uri, "state.pt", read_manifest(checkpoint_uri), Path(tmp))
+        path = fetch_verified(checkpoint_uri, "state.pt", manifest, Path(tmp))
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as err:  # noqa: BLE001 (torch raises many types for bad pickles)
             raise ValueError(f"{where} cannot be loaded with weights_only=True: {err}") from err
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):

@@ -137,6 +137,11 @@ def evaluate(
     return {name: _accuracy(row) for name, row in zip(names, totals.tolist(), strict=True)}
 
 
+def score_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Top-1 / top-5 (percent, top-5 capped at the class count), mean cross-entropy and count of (N, C) logits."""
+    return _accuracy(_batch_totals(logits.float(), labels.long()).tolist())
+
+
 def _batch_totals(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(4,) float64: top-1 hits, top-5 hits, count and summed cross-entropy of (B, classes) logits."""
     topk = logits.topk(min(5, logits.shape[1]), dim=1).indices

@@ -24,7 +24,7 @@ from torch import nn
 
 from arm_platform.config import TrainConfig
 from arm_platform.models import build_model
-from arm_platform.train.engine import autocast
+from arm_platform.train.engine import autocast, score_logits
 from arm_platform.train.knn import knn_accuracy
 
 RANDOM_INIT = "_random_init"
@@ -85,17 +85,6 @@ def fit_linear_head(
     return w.t().contiguous(), bias.detach() - mean @ w
 
 
-def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """{"acc1", "acc5"} in percent of logits (M, C) against labels (M,) (top-5 capped at C)."""
-    pred = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    target = labels.long()[:, None]
-    total = max(len(target), 1)
-    return {
-        "acc1": 100 * pred[:, :1].eq(target).sum().item() / total,
-        "acc5": 100 * pred.eq(target).any(1).sum().item() / total,
-    }
-
-
 @torch.no_grad()
 def linear_probe_accuracy(
     train_feats: torch.Tensor,
@@ -109,7 +98,8 @@ def linear_probe_accuracy(
 ) -> dict[str, float]:
     """Top-1 / top-5 (percent) of `fit_linear_head` fitted on (N, D) train features, scored on (M, D) test ones."""
     weight, bias = fit_linear_head(train_feats, train_labels, num_classes=num_classes, l2=l2, max_iter=max_iter)
-    return topk_accuracy(test_feats.float() @ weight.t() + bias, test_labels)
+    scores = score_logits(test_feats.float() @ weight.t() + bias, test_labels)
+    return {k: scores[k] for k in ("acc1", "acc5")}
 
 
 @torch.no_grad()
@@ -147,7 +137,8 @@ def init_head_from_probe(
     model.train(was_training)
     logits = model.head(x)
     loss = F.cross_entropy(logits, y.long(), label_smoothing=smoothing).item()
-    return {f"head_probe_train_{k}": v for k, v in topk_accuracy(logits, y).items()} | {"head_probe_train_loss": loss}
+    scores = score_logits(logits, y)
+    return {f"head_probe_train_{k}": scores[k] for k in ("acc1", "acc5")} | {"head_probe_train_loss": loss}
 
 
 class ConstantBaseline:

@@ -59,13 +59,17 @@ def test_resume_gives_identical_next_step(tmp_path, finetune_model, small_cfg, s
     assert TrainConfig.from_dict(load_config(tmp_path)) == cfg
 
 
-def test_model_file_is_the_ema_weights_and_loads_weights_only(tmp_path, finetune_model, small_cfg, synthetic_batches):
-    cfg = small_cfg("finetune")
-    opt = build_optimizer(finetune_model, cfg.optim, "finetune")
-    ema = ModelEmaV3(finetune_model, decay=0.9)
+def _save_with_marked_ema(folder, model, cfg) -> None:
+    """A checkpoint of `model` whose EMA copy differs from it: every EMA head bias is 7.0."""
+    opt = build_optimizer(model, cfg.optim, "finetune")
+    ema = ModelEmaV3(model, decay=0.9)
     with torch.no_grad():
         ema.module.head.bias.fill_(7.0)
-    save_checkpoint(tmp_path, model=finetune_model, optimizer=opt, step=0, epoch=0, config={}, ema=ema)
+    save_checkpoint(folder, model=model, optimizer=opt, step=0, epoch=0, config={}, ema=ema)
+
+
+def test_model_file_is_the_ema_weights_and_loads_weights_only(tmp_path, finetune_model, small_cfg, synthetic_batches):
+    _save_with_marked_ema(tmp_path, finetune_model, small_cfg("finetune"))
     state = torch.load(tmp_path / MODEL_FILE, weights_only=True)
     assert torch.all(state["head.bias"] == 7.0)
     full = torch.load(tmp_path / STATE_FILE, weights_only=True)
@@ -91,12 +95,7 @@ def test_raw_weights_of_a_checkpoint_are_the_model_not_the_ema_and_are_verified(
     from arm_platform.train.checkpoint import read_raw_weights
     from arm_platform.train.integrity import CheckpointError
 
-    cfg = small_cfg("finetune")
-    opt = build_optimizer(finetune_model, cfg.optim, "finetune")
-    ema = ModelEmaV3(finetune_model, decay=0.9)
-    with torch.no_grad():
-        ema.module.head.bias.fill_(7.0)
-    save_checkpoint(tmp_path, model=finetune_model, optimizer=opt, step=0, epoch=0, config={}, ema=ema)
+    _save_with_marked_ema(tmp_path, finetune_model, small_cfg("finetune"))
     raw = read_raw_weights(str(tmp_path))
     assert set(raw) == set(finetune_model.state_dict())
     assert all(torch.equal(v, finetune_model.state_dict()[k]) for k, v in raw.items())
