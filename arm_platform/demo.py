@@ -5,8 +5,8 @@
    for the pretrained encoder AND the run's own random-init encoder (and the raw pixels); it also logs the val
    loss beside the loss of the best constant predictor.
 2. One Ray Tune grid sweep: finetune_tiny (LP-FT: head from a linear probe, then full finetuning) on the 1,000
-   labelled images, {from the pretrained checkpoint, from scratch} x the same lr grid; picked on the 1,000
-   "heldout" train images (never on the test images).
+   labelled images, {from the pretrained checkpoint, from scratch} x the same lr grid; picked on 500 of the 1,000
+   "heldout" train images (never on the test images). Trials of one worker each (same global batch) run side by side.
 3. Each arm's best trial (its raw or EMA weights, whichever won on heldout) scored once on the 10,000 test images.
 
 Every number of the printed table comes from this run (MLflow keeps them all).
@@ -86,12 +86,24 @@ def run(
         "knn_pretrained": pre.get("knn_acc1"),
         "knn_random_init": pre.get("knn_acc1_random_init"),
     }
-    results = _sweep(ft_cfg, ckpt, plan.lrs)
+    results = _sweep(per_trial(ft_cfg, plan.trial_workers), ckpt, plan.lrs)
     for arm, init in (("finetune_pretrained", ckpt), ("finetune_scratch", SCRATCH)):
         scores |= _score_arm(arm, ft_cfg, [r for r in results if r.config.get("finetune") == init])
     scores["wall_minutes"] = (time.perf_counter() - started) / 60
     log.info("demo: %s", scores)
     return scores
+
+
+def per_trial(ft_cfg: TrainConfig, workers: int) -> TrainConfig:
+    """ft_cfg on `workers` Train workers at the same global batch (batch_size x num_workers x accum_iter)."""
+    global_batch = ft_cfg.optim.batch_size * ft_cfg.cluster.num_workers
+    if global_batch % workers:
+        raise ValueError(f"the global batch {global_batch} does not split over {workers} trial workers")
+    return dataclasses.replace(
+        ft_cfg,
+        cluster=dataclasses.replace(ft_cfg.cluster, num_workers=workers),
+        optim=dataclasses.replace(ft_cfg.optim, batch_size=global_batch // workers),
+    )
 
 
 def _sweep(ft_cfg: TrainConfig, ckpt: str, lrs: tuple[float, ...]):  # noqa: ANN202 (ray.tune.ResultGrid)

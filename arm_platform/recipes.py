@@ -192,7 +192,10 @@ class DemoPlan:
     pretrain: dict
     finetune: dict
     lrs: tuple[float, ...]
-    """Peak finetune lrs searched, the same grid for every arm (optim.lr: absolute, batch 2 x 64)."""
+    """Peak finetune lrs searched, the same grid for every arm (optim.lr: absolute, global batch 2 x 64)."""
+    trial_workers: int = 1
+    """Train workers per finetune trial, at the finetune config's global batch: on 2 cores two 1-worker trials run
+    side by side (`sweep.max_concurrent_trials`), so one trial's start-up and evaluation overlap the other's steps."""
 
 
 _DEMO_PRETRAIN = {

@@ -34,7 +34,7 @@ class ARMClassifierModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
         images = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
-        with torch.no_grad():  # not inference_mode: no inference tensors end up in the ops' reused scratch buffers
+        with torch.inference_mode():
             out = self.model(images).float()
         if (params or {}).get("probabilities"):
             out = out.softmax(dim=-1)

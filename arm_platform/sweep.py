@@ -35,6 +35,14 @@ from arm_platform import launch, recipes, storage, sweep_tracking
 from arm_platform.config import TrainConfig, apply_overrides
 from arm_platform.search_space import build_param_space
 from arm_platform.security import install_log_redaction, validate_name
+from arm_platform.sweep_resources import (
+    READ_METADATA_TASK_CPUS,
+    TRIAL_DRIVER_CPUS,
+    describe,
+    max_concurrent_trials,
+    trial_holdings,
+    trial_resources,
+)
 from arm_platform.sweep_tracking import (
     CHECKPOINT_PATH_KEY,
     METRIC,
@@ -66,55 +74,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MODE = "max"
-TRIAL_DRIVER_CPUS = 0.1
-"""CPU reserved by each trial's driver process (it only waits on its TorchTrainer)."""
-READ_METADATA_TASK_CPUS = 1.0
-"""CPU of each Parquet sampling task `ray.data.read_parquet` starts in the trial driver before its workers start
-(`_fetch_parquet_file_info` in ray/data/_internal/datasource/parquet_datasource.py: a `cached_remote_fn` with no
-num_cpus, i.e. Ray's default 1 CPU; the parallel file-size fetch for >= 16 remote paths is the same). The driver
-waits for them, so one must fit next to the other trials' reservations."""
 TRIAL_START_TIMEOUT_S = 900.0
 """Bound on each wait of a trial for cluster resources (Ray Data planning, Train worker placement)."""
 FAULT_ENV = "ARM_SWEEP_FAULT_INJECT"
 """Test hook, a marker file path: the first trial to start its workers gets its driver SIGKILLed, once."""
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# resources
-
-
-def trial_resources(cfg: TrainConfig) -> dict[str, float]:
-    """Cluster resources one trial holds at its peak: its driver, plus its Train workers and one Ray Data decode task
-    while training, or one Ray Data Parquet sampling task (READ_METADATA_TASK_CPUS) while its datasets are planned.
-
-    A trial that cannot get either deadlocks (the driver waits for the sampling task forever, a worker for data).
-    """
-    c = cfg.cluster
-    training = c.num_workers * c.cpus_per_worker + cfg.data.decode_cpus
-    need = {"CPU": TRIAL_DRIVER_CPUS + max(training, READ_METADATA_TASK_CPUS)}
-    if c.use_gpu:
-        need["GPU"] = c.num_workers * c.gpus_per_worker
-    return need
-
-
-def max_concurrent_trials(need: Mapping[str, float], available: Mapping[str, float]) -> int:
-    """How many trials fit side by side; ValueError naming every short resource when not even one does."""
-    needed = {r: a for r, a in need.items() if a > 0}
-    short = [
-        f"{a:g} {r} (the Ray cluster has {float(available.get(r, 0.0)):g})"
-        for r, a in needed.items()
-        if float(available.get(r, 0.0)) + 1e-9 < a
-    ]
-    if short:
-        raise ValueError(
-            f"one trial needs {' and '.join(short)} for {_describe(need)}; lower cluster.num_workers / "
-            "cpus_per_worker / gpus_per_worker, or add nodes"
-        )
-    return max(1, min((math.floor(float(available[r]) / a + 1e-9) for r, a in needed.items()), default=1))
-
-
-def _describe(need: Mapping[str, float]) -> str:
-    return ", ".join(f"{k}={v:g}" for k, v in need.items())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -202,7 +165,7 @@ def _within(timeout_s: float, what: str, fn: Callable[[], Any]) -> Any:
     try:
         return future.result(timeout=timeout_s)
     except concurrent.futures.TimeoutError:
-        free = _describe(ray.available_resources()) if ray.is_initialized() else "unknown (Ray not initialised)"
+        free = describe(ray.available_resources()) if ray.is_initialized() else "unknown (Ray not initialised)"
         raise TimeoutError(
             f"{what} within {timeout_s:g} s; free now: {free or 'nothing'}. Another trial (or a dead one's leftover "
             "placement group) holds the cluster: see `ray list placement-groups`"
@@ -279,7 +242,7 @@ def tune(
     launch.init_ray()
     need = trial_resources(base)
     if check_resources or max_concurrent is None:
-        fits = max_concurrent_trials(need, ray.cluster_resources())
+        fits = max_concurrent_trials(need, ray.cluster_resources(), trial_holdings(base))
         max_concurrent = max_concurrent or fits
     settings = {"num_samples": num_samples, "search_space": space, "recipe": cfg.recipe, "use_optuna": use_optuna}
     parent_run_id = start_parent_run(
@@ -301,7 +264,7 @@ def tune(
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # step-level reports carry no val metrics
     tune_config = _tune_config(cfg, num_samples, max_concurrent, use_optuna, grace_period, seed)
     tuner = _tuner(trainable, param_space, tune_config, cfg, root, sweep_name, tracking_uri, experiment)
-    logger.info("sweep %s: <= %d trials at once, each %s", sweep_name, max_concurrent, _describe(need))
+    logger.info("sweep %s: <= %d trials at once, each %s", sweep_name, max_concurrent, describe(need))
     try:
         results = tuner.fit()
     except BaseException:

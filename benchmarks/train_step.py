@@ -7,7 +7,25 @@ autocast (ops backend "auto": the kernels when installed): img/s, peak memory an
 analytic FLOPs of `benchmarks/flops.py` over the H200 / H100 dense bf16 peak, 989 TFLOP/s).
 
     python benchmarks/train_step.py                                  # CPU table
+    python benchmarks/train_step.py --before-after --steps 3         # old vs current scan, 1 and 2 threads
     python benchmarks/train_step.py --device cuda --json out.json    # arm_base on a GPU
+
+--before-after times the step with `scan_before.scan_before` (the selective scan as it was before the blocked rewrite,
+kept in benchmarks/scan_before.py) against the current `selective_scan_ref`: the best of --rounds alternating
+rounds of --steps steps each, batch 64, fp32.
+Measured on this 2-core machine (shared, so +-10% between runs); --steps 3 --rounds 3, img/s before -> after:
+    recipe           threads   run 1 (12-02 02:40)        run 2 (12-02 03:32, quiet)
+    pretrain_tiny          1   56.1 ->  64.8  1.16x       57.0 ->  61.0  1.07x
+    finetune_tiny          1   21.9 ->  25.2  1.15x       22.3 ->  23.9  1.07x
+    pretrain_tiny          2   90.6 ->  94.0  1.04x       93.3 -> 110.9  1.19x
+    finetune_tiny          2   32.2 ->  36.4  1.13x       36.1 ->  36.6  1.01x
+    (a third run gave 1.08x / 1.13x / 1.15x / 1.17x for the same rows): 1.01-1.19x, about 1.1x.
+Inside the finetune_tiny step (1 thread) the 24 scan calls went from about 2.2-2.5 s to 1.9-2.1 s per step; the
+rest (in_proj / x_proj / out_proj matmuls, conv, flips and the v3 column permutation) is unchanged at about 1.1 s.
+Tried and not kept: saving h and exp(dt A) in the forward (skips the backward's recompute) is 25-30% slower per call
+without a memory pool (page faults on 68 MB of fresh memory per call) and at most ~3% faster with one (1.6 GB held by
+finetune_tiny's 24 calls); blocks of 2-8 time steps instead of 1 (no better at 1 or 2 threads); splitting the batch
+into 2-8 groups (slower); batched matvec vs multiply + sum for dB / dC (a wash).
 """
 
 from __future__ import annotations
@@ -33,6 +51,7 @@ from arm_platform.train.tasks import build_task
 
 sys.path.insert(0, str(Path(__file__).parent))
 import flops  # noqa: E402  (benchmarks/flops.py)
+from scan_before import scan_before  # noqa: E402  (benchmarks/scan_before.py: the old scan, for --before-after)
 
 inner_ops = importlib.import_module("arm_platform.ops.mamba_inner")  # the module (ops.mamba_inner is the function)
 CPU_CASES = [("tiny", 32), ("small", 4)]  # (size, batch)
@@ -163,6 +182,33 @@ def cpu_table(steps: int) -> None:
         print(f"{size:<8}{batch:>6}{ours:>12.1f}{loop:>12.2f}{ours / loop:>8.1f}x")
 
 
+BEFORE_AFTER_RECIPES = ("pretrain_tiny", "finetune_tiny")
+
+
+def before_after_table(batch: int, threads: list[int], steps: int, rounds: int) -> list[dict]:
+    """img/s of a CPU training step with `scan_before` (the old scan) vs the current one, per recipe and thread count.
+
+    Each (recipe, threads) pair runs `rounds` alternating before/after measurements of `steps` steps; the best of each
+    side counts (the 2-core box is shared, so the fastest round is the least disturbed one).
+    """
+    ops.set_backend("ref")
+    print(f"CPU training step, batch {batch}: old scan (scan_before) vs current selective_scan_ref")
+    print(f"{'recipe':<16}{'threads':>8}{'before img/s':>14}{'after img/s':>13}{'ratio':>8}", flush=True)
+    rows = []
+    for n_threads in threads:
+        torch.set_num_threads(n_threads)
+        for recipe in BEFORE_AFTER_RECIPES:
+            best = {"before": 0.0, "after": 0.0}
+            for _ in range(rounds):
+                for side, fn in (("before", scan_before), ("after", None)):
+                    with scan_impl(fn):
+                        best[side] = max(best[side], step_img_per_s(recipe, batch, "cpu", steps)[0])
+            rows.append({"recipe": recipe, "threads": n_threads, **best, "ratio": best["after"] / best["before"]})
+            r = rows[-1]
+            print(f"{recipe:<16}{n_threads:>8}{r['before']:>14.1f}{r['after']:>13.1f}{r['ratio']:>7.2f}x", flush=True)
+    return rows
+
+
 def format_rows(rows: list[dict]) -> str:
     """Fixed-width table of `measure` rows."""
     head = f"{'recipe':<16}{'img':>5}{'batch':>6}{'ops':>7}{'img/s':>10}{'step ms':>9}{'peak GiB':>9}"
@@ -205,6 +251,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=None, help="CUDA batch size (default: the recipe's per-GPU)")
     parser.add_argument("--json", type=Path, default=None, help="CUDA: also write the rows as JSON here")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--before-after",
+        nargs="*",
+        type=int,
+        metavar="THREADS",
+        default=None,
+        help="CPU: old vs current scan on pretrain_tiny / finetune_tiny at --batch (64) for these thread counts (1 2)",
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="--before-after: alternating rounds, best one counts")
     args = parser.parse_args(argv)
     if args.steps is None:
         args.steps = 10 if args.device == "cuda" else 4
@@ -215,6 +270,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.before_after is not None:
+        before_after_table(args.batch or 64, args.before_after or [1, 2], args.steps, args.rounds)
+        return
     if args.device == "cpu":
         cpu_table(args.steps)
         return

@@ -11,7 +11,7 @@ from arm_platform import demo, recipes
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """This process connected to a private 3-CPU head (a pretrain of 2 x 0.5 CPU, trials of 1.35 CPU fit)."""
+    """This process connected to a private 3-CPU head (a pretrain of 2 x 0.5 CPU; 1-worker trials, two side by side)."""
     from ray_cluster import connected_head
 
     with connected_head(3, tmp_path_factory.mktemp("ray") / "ray-start.log"):
@@ -61,3 +61,20 @@ def test_demo_table_comes_from_one_run_with_its_baselines(tmp_path, ray_head):
     assert "256 test images" in text and "64 labels" in text
     assert f"{scores['finetune_pretrained']:5.1f}" in text and f"{scores['probe_random_init']:5.1f}" in text
     assert "n/a" not in text
+
+
+def test_demo_trials_keep_the_global_batch_and_run_two_at_once_on_two_cores():
+    from arm_platform import sweep
+
+    for plan in recipes.DEMO.values():
+        _, ft_cfg = demo.configs(plan)
+        trial = demo.per_trial(ft_cfg, plan.trial_workers)
+        assert (trial.cluster.num_workers, trial.optim.batch_size) == (1, 128)  # recipe: 2 workers x 64
+        assert trial.optim.accum_iter == ft_cfg.optim.accum_iter and trial.optim.lr == ft_cfg.optim.lr
+        need, held = sweep.trial_resources(trial), sweep.trial_holdings(trial)
+        assert sweep.max_concurrent_trials(need, {"CPU": 2.0}, held) == 2
+        assert (
+            sweep.max_concurrent_trials(sweep.trial_resources(ft_cfg), {"CPU": 2.0}, sweep.trial_holdings(ft_cfg)) == 1
+        )
+    with pytest.raises(ValueError, match="global batch 128 does not split over 3 trial workers"):
+        demo.per_trial(ft_cfg, 3)

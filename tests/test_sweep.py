@@ -60,6 +60,11 @@ def test_trial_resources_and_concurrency_from_cluster_size():
     # driver + max(worker + one Ray Data decode task = 0.75, one 1-CPU Parquet sampling task while planning)
     assert tiny == {"CPU": pytest.approx(0.1 + 1.0)}
     assert sweep.max_concurrent_trials(tiny, {"CPU": 2}) == 1 and sweep.max_concurrent_trials(tiny, {"CPU": 4.4}) == 4
+    # the others keep only driver + worker + decode task (0.85) while one plans: 0.85 + 1.1 <= 2 -> two at once
+    held = sweep.trial_holdings(apply_overrides(recipes.get("finetune_tiny"), TINY_FINETUNE))
+    assert held == {"CPU": pytest.approx(0.1 + 0.75)}
+    assert [sweep.max_concurrent_trials(tiny, {"CPU": c}, held) for c in (1.1, 1.94, 2, 2.79, 2.8)] == [1, 1, 2, 2, 3]
+    assert sweep.max_concurrent_trials(need, {"CPU": 384, "GPU": 32}, sweep.trial_holdings(base)) == 4  # GPU-bound
 
 
 def test_parquet_sampling_tasks_request_what_trial_resources_reserves():
