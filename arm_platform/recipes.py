@@ -219,9 +219,13 @@ _DEMO_FINETUNE = {
 DEMO = {
     # `make demo`: <= 30 min on 2 cores
     "short": DemoPlan(pretrain=_DEMO_PRETRAIN | {"optim.epochs": 1}, finetune=_DEMO_FINETUNE, lrs=(2.5e-4, 1e-3)),
-    # `make demo DEMO_ARGS=--long`: the same pretraining, twice the finetuning (30 steps), a heldout score per epoch
+    # `make demo DEMO_ARGS=--long`: twice the pretraining (2 epochs, probed at the end) and twice the finetuning
+    # (30 steps, a heldout score per epoch)
     "long": DemoPlan(
-        pretrain=_DEMO_PRETRAIN | {"optim.epochs": 1}, finetune=_DEMO_FINETUNE | {"optim.epochs": 2}, lrs=(2.5e-4, 1e-3)
+        pretrain=_DEMO_PRETRAIN
+        | {"optim.epochs": 2, "tracking.probe_every_n_epochs": 2, "tracking.vis_every_n_epochs": 2},
+        finetune=_DEMO_FINETUNE | {"optim.epochs": 2},
+        lrs=(2.5e-4, 1e-3),
     ),
 }
 

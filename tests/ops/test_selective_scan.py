@@ -7,6 +7,7 @@ from pathlib import Path
 import kernel_shim
 import pytest
 import torch
+from scan_cases import GRAD_NAMES, assert_matches_naive, grads, make_inputs
 
 import arm_platform
 from arm_platform import ops
@@ -15,29 +16,6 @@ from arm_platform.ops import _kernels
 scan_module = importlib.import_module("arm_platform.ops.selective_scan")
 
 KERNEL_PACKAGES = ("mamba_ssm", "causal_conv1d", "selective_scan_cuda", "causal_conv1d_cuda")
-GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
-
-
-def make_inputs(batch=2, dim=5, length=9, n_state=3, dtype=torch.float64, device="cpu", D=True, z=True, bias=True):
-    """Random scan inputs (u, delta, A, B, C, D, z, delta_bias) with requires_grad; optional ones may be None."""
-    kw = {"dtype": dtype, "device": device}
-    tensors = [
-        torch.randn(batch, dim, length, **kw),
-        0.5 * torch.randn(batch, dim, length, **kw),
-        -0.5 - torch.rand(dim, n_state, device=device, dtype=torch.promote_types(dtype, torch.float32)),
-        torch.randn(batch, n_state, length, **kw),
-        torch.randn(batch, n_state, length, **kw),
-        torch.randn(dim, device=device, dtype=torch.promote_types(dtype, torch.float32)) if D else None,
-        torch.randn(batch, dim, length, **kw) if z else None,
-        0.3 * torch.randn(dim, device=device, dtype=torch.promote_types(dtype, torch.float32)) if bias else None,
-    ]
-    return [t.requires_grad_() if t is not None else None for t in tensors]
-
-
-def grads(out, inputs, grad_out):
-    leaves = [t for t in inputs if t is not None]
-    got = iter(torch.autograd.grad(out, leaves, grad_out))
-    return [next(got) if t is not None else None for t in inputs]
 
 
 @pytest.mark.parametrize("softplus", [False, True])
@@ -46,33 +24,15 @@ def grads(out, inputs, grad_out):
 )
 def test_ref_matches_naive_recurrence_outputs_and_grads(naive_scan, assert_close, softplus, has_D, has_z, has_bias):
     """Output and every gradient equal the float64 per-timestep loop, with and without D, z, delta_bias, softplus."""
-    inputs = make_inputs(D=has_D, z=has_z, bias=has_bias)
-    out = ops.selective_scan_ref(*inputs, delta_softplus=softplus)
-    expected = naive_scan(*inputs, delta_softplus=softplus)
+    out = assert_matches_naive(naive_scan, assert_close, make_inputs(D=has_D, z=has_z, bias=has_bias), softplus)
     assert out.shape == (2, 5, 9) and out.dtype == torch.float64
-    assert_close(out, expected, 1e-10, 1e-10, "out")
-    grad_out = torch.randn_like(out)
-    for name, got, want in zip(
-        GRAD_NAMES, grads(out, inputs, grad_out), grads(expected, inputs, grad_out), strict=True
-    ):
-        assert (got is None) == (want is None), name
-        if got is not None:
-            assert_close(got, want, 1e-9, 1e-10, name)
 
 
 def test_ref_chunked_scan_matches_single_chunk(monkeypatch, naive_scan, assert_close):
     """Splitting L into uneven chunks (state and dh carried across) changes neither output nor gradients."""
     monkeypatch.setattr(scan_module, "_CHUNK_ELEMS", 2 * 2 * 5 * 3)  # 2 time steps per chunk at (B, N, D) = (2, 3, 5)
     assert len(scan_module._chunks(9, 2 * 3 * 5)) == 5
-    inputs = make_inputs()
-    out = ops.selective_scan_ref(*inputs, delta_softplus=True)
-    expected = naive_scan(*inputs, delta_softplus=True)
-    assert_close(out, expected, 1e-10, 1e-10, "out")
-    grad_out = torch.randn_like(out)
-    for name, got, want in zip(
-        GRAD_NAMES, grads(out, inputs, grad_out), grads(expected, inputs, grad_out), strict=True
-    ):
-        assert_close(got, want, 1e-9, 1e-10, name)
+    assert_matches_naive(naive_scan, assert_close, make_inputs())
 
 
 def test_ref_passes_gradcheck_float64():

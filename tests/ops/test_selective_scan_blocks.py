@@ -8,53 +8,21 @@ import threading
 from pathlib import Path
 
 import pytest
+import scan_cases
 import torch
+from scan_cases import GRAD_NAMES, assert_matches_naive, grads
 
 from arm_platform import ops
 
 scan_module = importlib.import_module("arm_platform.ops.selective_scan")
 
-GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 BATCH, DIM, LENGTH, N_STATE = 2, 5, 11, 3
 BND = BATCH * N_STATE * DIM  # elements of one time step of the (L, B, N, D) state
 
 
-def make_inputs(batch=BATCH, dim=DIM, length=LENGTH, n_state=N_STATE, D=True, z=True, bias=True):
-    """Random float64 (u, delta, A, B, C, D, z, delta_bias) with requires_grad; optional ones may be None."""
-    kw = {"dtype": torch.float64}
-    tensors = [
-        torch.randn(batch, dim, length, **kw),
-        0.5 * torch.randn(batch, dim, length, **kw),
-        -0.5 - torch.rand(dim, n_state, **kw),
-        torch.randn(batch, n_state, length, **kw),
-        torch.randn(batch, n_state, length, **kw),
-        torch.randn(dim, **kw) if D else None,
-        torch.randn(batch, dim, length, **kw) if z else None,
-        0.3 * torch.randn(dim, **kw) if bias else None,
-    ]
-    return [t.requires_grad_() if t is not None else None for t in tensors]
-
-
-def grads(out, inputs, grad_out):
-    leaves = [t for t in inputs if t is not None]
-    got = iter(torch.autograd.grad(out, leaves, grad_out))
-    return [next(got) if t is not None else None for t in inputs]
-
-
-def assert_matches_naive(naive_scan, assert_close, inputs, softplus=True, contiguous_grads=True):
-    """Output and every gradient of selective_scan_ref equal the per-timestep float64 loop; output contiguous."""
-    out = ops.selective_scan_ref(*inputs, delta_softplus=softplus)
-    expected = naive_scan(*inputs, delta_softplus=softplus)
-    assert out.is_contiguous()
-    assert_close(out, expected, 1e-10, 1e-10, "out")
-    grad_out = torch.randn_like(out)
-    for name, got, want in zip(
-        GRAD_NAMES, grads(out, inputs, grad_out), grads(expected, inputs, grad_out), strict=True
-    ):
-        assert (got is None) == (want is None), name
-        if got is not None:
-            assert got.is_contiguous() or got.dim() < 3 or not contiguous_grads, name  # (B, X, L) grads contiguous
-            assert_close(got, want, 1e-9, 1e-10, name)
+def make_inputs(length=LENGTH, **kw):
+    """float64 scan inputs, L = 11 unless given (scan_cases.make_inputs)."""
+    return scan_cases.make_inputs(length=length, **kw)
 
 
 @pytest.mark.parametrize(
@@ -102,13 +70,7 @@ def test_interleaved_calls_share_work_buffers_safely(naive_scan, assert_close, m
     out1 = ops.selective_scan_ref(*first, delta_softplus=True)
     out2 = ops.selective_scan_ref(*second, delta_softplus=True)
     for inputs, out in ((first, out1), (second, out2)):
-        expected = naive_scan(*inputs, delta_softplus=True)
-        assert_close(out, expected, 1e-10, 1e-10, "out")
-        grad_out = torch.randn_like(out)
-        for name, got, want in zip(
-            GRAD_NAMES, grads(out, inputs, grad_out), grads(expected, inputs, grad_out), strict=True
-        ):
-            assert_close(got, want, 1e-9, 1e-10, name)
+        assert_matches_naive(naive_scan, assert_close, inputs, out=out)
 
 
 def test_scratch_over_the_cap_is_allocated_per_call(monkeypatch, naive_scan, assert_close):
