@@ -9,6 +9,7 @@ import pytest
 from tiny import TINY, no_training
 
 from arm_platform import launch, recipes
+from arm_platform.evaluate import evaluate_checkpoints
 from arm_platform.train.loop import FAULT_ENV
 
 
@@ -174,3 +175,13 @@ def test_pretrain_survives_a_worker_fault_then_finetune_beats_chance(ray_cluster
     assert evaluated["val_count"] == 256
     assert evaluated["val_acc1"] == pytest.approx(finetune.metrics["val_ema_acc1"], abs=1e-6)
     assert evaluated["val_acc5"] == pytest.approx(finetune.metrics["val_ema_acc5"], abs=1e-6)
+    # several checkpoints in one pass (the demo's test-set scores): each one's numbers, in order
+    eval_cfg, _ = launch.prepare(
+        recipes.get("finetune_tiny"),
+        ["--data_path", fm_data, "--output_dir", str(storage), "--batch_size", "32", "--world_size", "2",
+         "data.max_val_samples=256", *TINY],
+    )  # fmt: skip
+    ema, raw = evaluate_checkpoints(eval_cfg, [(finetune.checkpoint.path, "model"), (finetune.checkpoint.path, "raw")])
+    assert ema["val_acc1"] == pytest.approx(finetune.metrics["val_ema_acc1"], abs=1e-6) and ema["val_count"] == 256
+    assert raw["val_acc1"] == pytest.approx(finetune.metrics["val_acc1"], abs=1e-6) and raw["val_count"] == 256
+    assert raw["val_loss"] == pytest.approx(finetune.metrics["val_loss"], rel=1e-5)

@@ -14,10 +14,11 @@ Normalisation with the ImageNet mean / std happens on the training device (`norm
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -60,6 +61,21 @@ def set_torch_threads(cpus: float) -> int:
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads
+
+
+@contextlib.contextmanager
+def threads_of(cpus: float, workers: int) -> Iterator[int]:
+    """torch runs on the threads of `workers` workers of `cpus` CPUs each inside the block (one rank working alone while
+    the other ranks of its node wait for it), then on the count it had before. Yields the thread count."""
+    import torch
+
+    before = torch.get_num_threads()
+    threads = workers * threads_for(cpus)
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(before)
 
 
 def decode(data: bytes) -> Image.Image | None:

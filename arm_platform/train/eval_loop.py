@@ -1,4 +1,4 @@
-"""Ray Train entry of the official `--eval`: top-1 / top-5 of one checkpoint on the val split, no training."""
+"""Ray Train entry of the official `--eval`: top-1 / top-5 of checkpoints on the val split, no training."""
 
 from __future__ import annotations
 
@@ -31,19 +31,26 @@ def load_eval_weights(model: torch.nn.Module, source: str, weights: str = "model
 
 
 def eval_loop_per_worker(config: dict[str, Any]) -> None:
-    """Reports val_acc1 / acc5 / loss / count (val split across workers, counts summed); config: cfg, checkpoint,
-    weights."""
+    """Reports "<i>.val_acc1" / acc5 / loss / count of each of config["sources"] ([checkpoint, weights] pairs) in one
+    pass over the val split (split across workers, counts summed); config: cfg, sources."""
     cfg = TrainConfig.from_dict(config["cfg"])
     device = ray.train.torch.get_device()
-    model = build_model(cfg.model, "finetune")
-    load_eval_weights(model, config["checkpoint"], config.get("weights", "model"))
-    model.to(device)
+    models = {}
+    for i, (source, weights) in enumerate(config["sources"]):
+        model = build_model(cfg.model, "finetune")
+        load_eval_weights(model, source, weights)
+        models[str(i)] = model.to(device)
     batches = iter_batches(ray.train.get_dataset_shard("val"), cfg.optim.batch_size, device, drop_last=False)
-    stats = evaluate({"model": model}, batches, precision=cfg.precision, distributed=True)["model"]
-    metrics = {f"val_{k}": v for k, v in stats.items()}
+    results = evaluate(models, batches, precision=cfg.precision, distributed=True)
+    metrics = {f"{i}.val_{k}": v for i, stats in results.items() for k, v in stats.items()}
     with tempfile.TemporaryDirectory(prefix="arm-eval-") as tmp:  # Ray Train V2 keeps metrics only with a checkpoint
         checkpoint = None
         if ray.train.get_context().get_world_rank() == 0:
-            Path(tmp, "eval.json").write_text(json.dumps({"checkpoint": config["checkpoint"], **metrics}))
+            Path(tmp, "eval.json").write_text(json.dumps({"sources": config["sources"], **metrics}))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def split_metrics(metrics: dict[str, Any], count: int) -> list[dict[str, float]]:
+    """The reported {"<i>.val_acc1": ...} as one {"val_acc1": ...} dict per source, in order."""
+    return [{k.split(".", 1)[1]: v for k, v in metrics.items() if k.startswith(f"{i}.")} for i in range(count)]

@@ -27,7 +27,7 @@ from timm.utils import ModelEmaV3
 from arm_platform import ops, storage
 from arm_platform.config import TrainConfig, flatten
 from arm_platform.data.datasets import iter_batches
-from arm_platform.data.transforms import set_torch_threads
+from arm_platform.data.transforms import set_torch_threads, threads_of
 from arm_platform.models import build_model
 from arm_platform.security import install_log_redaction
 from arm_platform.tracking import NullTracker, build_tracker
@@ -106,13 +106,14 @@ class _Run:
         """LP-FT: rank 0 fits the head on the train images' frozen features (eval transform), then broadcasts it."""
         if self.rank == 0:
             tcfg = self.cfg.tracking
-            fit = init_head_from_probe(
-                model,
-                self._val_batches("probe"),
-                l2=tcfg.linear_probe_l2,
-                max_iter=tcfg.linear_probe_max_iter,
-                smoothing=self.cfg.data.smoothing,  # the finetune criterion's (tasks.build_criterion)
-            )
+            with self.node_threads():
+                fit = init_head_from_probe(
+                    model,
+                    self._val_batches("probe"),
+                    l2=tcfg.linear_probe_l2,
+                    max_iter=tcfg.linear_probe_max_iter,
+                    smoothing=self.cfg.data.smoothing,  # the finetune criterion's (tasks.build_criterion)
+                )
             self.head_probe = fit
             log.info("head_init=probe: linear head fitted on the frozen encoder, train %s", fit)
         if self.world > 1:
@@ -256,10 +257,16 @@ class _Run:
             return self._eval_classifier()
         out: dict[str, float] = {}
         if self.rank == 0 and _due(epoch, self.cfg.tracking.probe_every_n_epochs, last):
-            out.update(self._probe())
+            with self.node_threads():
+                out.update(self._probe())
         if self.rank == 0 and _due(epoch, self.cfg.tracking.vis_every_n_epochs, last):
             self._log_predictions(epoch)
         return out
+
+    def node_threads(self):  # noqa: ANN201 (a context manager)
+        """Rank 0's threads while it probes alone: those of every rank on its node (they wait for it meanwhile)."""
+        local_ranks = ray.train.get_context().get_local_world_size()
+        return threads_of(self.cfg.cluster.cpus_per_worker, local_ranks)
 
     def _val_batches(self, name: str = "val"):
         shard = ray.train.get_dataset_shard(name)

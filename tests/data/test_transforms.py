@@ -178,3 +178,19 @@ def test_decode_task_sizes_torch_threads_from_decode_cpus_not_the_environment(mo
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_rank_working_alone_borrows_its_node_ranks_threads_then_gives_them_back():
+    """threads_of(cpus, ranks): ranks x threads_for(cpus) inside the block (rank 0's probe), the old count after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with T.threads_of(0.5, 2) as threads:
+            assert threads == torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 1
+        with pytest.raises(RuntimeError, match="probe failed"), T.threads_of(2.0, 3):
+            assert torch.get_num_threads() == 6
+            raise RuntimeError("probe failed")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -2,9 +2,11 @@
 
 import copy
 
+import pytest
 import torch
 from timm.utils import ModelEmaV3
 
+from arm_platform import recipes
 from arm_platform.config import TrainConfig
 from arm_platform.train.checkpoint import (
     CONFIG_FILE,
@@ -78,7 +80,6 @@ def test_model_file_is_the_ema_weights_and_loads_weights_only(tmp_path, finetune
 
 
 def test_finetune_weights_that_are_not_a_state_dict_are_refused_naming_the_file(tmp_path, finetune_model):
-    import pytest
 
     from arm_platform.train.checkpoint import load_pretrained_weights
 
@@ -90,7 +91,6 @@ def test_finetune_weights_that_are_not_a_state_dict_are_refused_naming_the_file(
 
 def test_raw_weights_of_a_checkpoint_are_the_model_not_the_ema_and_are_verified(tmp_path, finetune_model, small_cfg):
     """--eval's weights="raw": state.pt["model"] (sha256-checked), not model.pt's EMA copy."""
-    import pytest
 
     from arm_platform.train.checkpoint import read_raw_weights
     from arm_platform.train.integrity import CheckpointError
@@ -107,3 +107,13 @@ def test_raw_weights_of_a_checkpoint_are_the_model_not_the_ema_and_are_verified(
         f.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(CheckpointError, match="state.pt does not match its sha256"):
         read_raw_weights(str(tmp_path))
+
+
+def test_evaluate_checkpoints_rejects_bad_sources_before_ray_starts(tmp_path):
+    from arm_platform.evaluate import evaluate_checkpoints
+
+    cfg = recipes.get("finetune_tiny")
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        evaluate_checkpoints(cfg, [])
+    with pytest.raises(ValueError, match="weights must be model or raw, got 'ema'"):
+        evaluate_checkpoints(cfg, [(str(tmp_path), "model"), (str(tmp_path), "ema")])
